@@ -1,0 +1,128 @@
+"""Atomic checkpoints, RNG capture, and the latest/best bookkeeping of a run directory."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LATEST = "checkpoint_latest.pth"
+BEST = "checkpoint_best.pth"
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``,
+    so a crash mid-write never leaves a truncated checkpoint behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with ``weights_only=True`` (no arbitrary code from the file); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupt file, or one holding pickled objects
+        raise RuntimeError(f"cannot load checkpoint {path}: {exc}") from exc
+
+
+def capture_rng() -> dict[str, Any]:
+    """All RNG states as tensors / plain Python values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached), "kind": str(kind)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Writes ``checkpoint_latest.pth`` every ``save_interval`` iterations and at the end, and
+    ``checkpoint_best.pth`` whenever ``best_metric`` improves in ``best_mode`` direction."""
+
+    def __init__(self, run_dir: str | Path, save_interval: int, best_metric: str | None, best_mode: str,
+                 enabled: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.save_interval = save_interval
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.enabled = enabled
+        self.best_value: float | None = None
+
+    def resolve_resume(self, resume: str | None) -> Path | None:
+        """``None`` -> no resume; ``"auto"`` -> this run directory's latest checkpoint if present;
+        anything else is a path that must exist."""
+        if resume is None:
+            return None
+        if resume == "auto":
+            path = self.run_dir / LATEST
+            return path if path.is_file() else None
+        path = Path(resume)
+        if path.is_dir():
+            path = path / LATEST
+        if not path.is_file():
+            raise FileNotFoundError(f"trainer.resume={resume!r}: no checkpoint at {path}")
+        return path
+
+    def improved(self, metrics: dict[str, float]) -> bool:
+        if self.best_metric is None:
+            return False
+        if self.best_metric not in metrics:
+            raise KeyError(f"trainer.best_metric={self.best_metric!r} is not among the logged metrics: "
+                           f"{sorted(metrics)}")
+        value = float(metrics[self.best_metric])
+        if math.isnan(value):
+            return False
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self.best_mode == "max" else value < self.best_value
+
+    def save(self, state: dict[str, Any], iteration: int, metrics: dict[str, float], last: bool) -> list[str]:
+        """Save what is due after ``iteration`` (1-based count of finished iterations)."""
+        written: list[str] = []
+        if self.improved(metrics):
+            self.best_value = float(metrics[self.best_metric])  # type: ignore[index]
+            state = {**state, "best_value": self.best_value}
+            if self.enabled:
+                atomic_save(state, self.run_dir / BEST)
+            written.append(BEST)
+        state = {**state, "best_value": self.best_value}
+        if last or (self.save_interval > 0 and iteration % self.save_interval == 0):
+            if self.enabled:
+                atomic_save(state, self.run_dir / LATEST)
+            written.append(LATEST)
+        return written

@@ -1,0 +1,182 @@
+"""Contracts between the engine and a domain: the rollout batch, reward output, policy and reward.
+
+The engine never imports domain code. A domain (EDM molecules, Boltz structures, LM tokens)
+implements :class:`Policy` and :class:`Reward`; everything that flows between them and the
+engine is one of the two dataclasses below.
+
+Shapes: ``B`` samples (trajectories) per rank, ``T`` steps per trajectory (denoising steps or
+tokens), ``P`` prompts, ``K`` group size (``B = P * K``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled trajectories, recorded without gradients.
+
+    Attributes:
+        group_ids: ``[B]`` long; samples with the same id share a prompt (a GRPO group).
+        logp_old: ``[B, T]`` log-probability of each recorded action under the sampling policy.
+        step_mask: ``[B, T]`` bool; True where the step is trained (e.g. False on a shared prefix).
+        payload: domain tensors whose leading dimension is ``B`` (latents, atoms, token ids, ...).
+        info: batch-level values that are not per sample (e.g. step times, metrics to log).
+    """
+
+    group_ids: Tensor
+    logp_old: Tensor
+    step_mask: Tensor
+    payload: dict[str, Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        b, t = self.logp_old.shape
+        if self.group_ids.shape != (b,):
+            raise ValueError(f"group_ids must be [B]={b}, got {tuple(self.group_ids.shape)}")
+        if self.step_mask.shape != (b, t):
+            raise ValueError(f"step_mask must be [B, T]=({b}, {t}), got {tuple(self.step_mask.shape)}")
+        for key, value in self.payload.items():
+            if value.shape[0] != b:
+                raise ValueError(f"payload[{key!r}] has leading dim {value.shape[0]}, expected B={b}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.logp_old.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.logp_old.shape[1]
+
+    def select(self, index: Tensor) -> "Rollout":
+        """Sub-batch of samples ``index`` (``[b]`` long); ``info`` is shared, not copied."""
+        return replace(
+            self,
+            group_ids=self.group_ids[index],
+            logp_old=self.logp_old[index],
+            step_mask=self.step_mask[index],
+            payload={k: v[index] for k, v in self.payload.items()},
+        )
+
+
+@dataclass
+class RewardOutput:
+    """Named reward channels for one rollout.
+
+    Attributes:
+        channels: name -> ``[B]`` terminal value per sample. NaN marks a sample whose evaluation
+            failed; the engine replaces it by the configured penalty and counts it.
+        potentials: name -> ``[B, T]`` shaping potentials (e.g. minus the energy of the predicted
+            clean sample at step t), meaningful only where ``potential_mask`` is True.
+            The terminal value of the same channel is ``channels[name]``.
+        potential_mask: ``[T]`` bool, the steps at which potentials were evaluated.
+        failures: reason -> number of samples that failed for it (logged as ``reward/failed_<reason>``).
+        metrics: batch-level diagnostics (logged as ``reward/<name>``), e.g. stability fractions.
+        keep: ``[B]`` bool or None; samples set False (e.g. duplicates) are dropped from the
+            advantage statistics and from the loss.
+    """
+
+    channels: dict[str, Tensor]
+    potentials: dict[str, Tensor] = field(default_factory=dict)
+    potential_mask: Tensor | None = None
+    failures: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    keep: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not self.channels:
+            raise ValueError("a reward must emit at least one channel")
+        sizes = {name: tuple(v.shape) for name, v in self.channels.items()}
+        b = next(iter(self.channels.values())).shape[0]
+        if any(s != (b,) for s in sizes.values()):
+            raise ValueError(f"all channels must be [B]; got {sizes}")
+        for name, pot in self.potentials.items():
+            if name not in self.channels:
+                raise ValueError(f"potential {name!r} has no terminal channel of the same name")
+            if self.potential_mask is None or pot.shape != (b, self.potential_mask.shape[0]):
+                raise ValueError(f"potential {name!r} must be [B, T] with a [T] potential_mask")
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.channels.values())).shape[0]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A sampler whose recorded actions have exact, differentiable log-probabilities."""
+
+    module: nn.Module
+    """The trainable network: what the optimizer updates and checkpoints store."""
+
+    def rollout(self, prompts: Any, group_size: int) -> Rollout:
+        """Sample ``group_size`` trajectories per prompt, without gradients."""
+
+    def log_prob(self, rollout: Rollout, steps: Tensor, with_kl: bool) -> tuple[Tensor, Tensor | None]:
+        """Log-probs ``[b, t]`` of the recorded actions at ``steps`` (``[t]`` long) with gradients,
+        and, if ``with_kl``, the per-step KL ``[b, t]`` to the frozen reference policy."""
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Route forward passes through ``wrap(module)`` (e.g. DistributedDataParallel)."""
+
+    def to(self, device: torch.device) -> "Policy":
+        """Move the policy (and its reference) to ``device``."""
+
+
+@runtime_checkable
+class Reward(Protocol):
+    def __call__(self, rollout: Rollout) -> RewardOutput:
+        """Score every sample of ``rollout``; never raises for one bad sample (NaN + reason)."""
+
+
+@runtime_checkable
+class Filter(Protocol):
+    def __call__(self, rollout: Rollout, reward: RewardOutput) -> RewardOutput:
+        """Inject penalties into the channels and/or mark samples to drop (``keep``)."""
+
+
+@runtime_checkable
+class PromptSource(Protocol):
+    """An endless iterator of prompt batches; ``group_size`` samples are drawn per prompt, so each
+    batch yields ``batch_size`` samples (per rank)."""
+
+    group_size: int
+    batch_size: int
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def __next__(self) -> Any: ...
+
+
+class IdentityFilter:
+    """No filtering: passes the reward output through (``filter=none``)."""
+
+    def __call__(self, rollout: Rollout, reward: RewardOutput) -> RewardOutput:
+        return reward
+
+
+class ConstantReward:
+    """Every sample gets the same value in every channel (``reward=dummy``): plumbing only,
+    since all group-normalised advantages are then 0."""
+
+    def __init__(self, values: dict[str, float], metrics: dict[str, float] | None = None) -> None:
+        """
+        Args:
+            values: channel name -> constant reward value.
+            metrics: constant diagnostics to report (e.g. ``{"stability": 1.0}``).
+        """
+        if not values:
+            raise ValueError("ConstantReward needs at least one channel in `values`")
+        self.values = {str(k): float(v) for k, v in dict(values).items()}
+        self.metrics = {str(k): float(v) for k, v in dict(metrics or {}).items()}
+
+    def __call__(self, rollout: Rollout) -> RewardOutput:
+        b = rollout.batch_size
+        return RewardOutput(
+            channels={k: torch.full((b,), v) for k, v in self.values.items()},
+            metrics=dict(self.metrics),
+        )

@@ -1,0 +1,5 @@
+"""Training strategies: advantages + loss (RL), or a supervised loss, as pure tensor math."""
+
+from elign.engine.strategies.fed_grpo import FedGRPOStrategy
+
+__all__ = ["FedGRPOStrategy"]

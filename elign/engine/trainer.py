@@ -1,0 +1,235 @@
+"""The training loop shared by every domain: rollout -> reward -> filter -> advantages -> update."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from elign.engine.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
+from elign.engine.distributed import DistInfo, reduce_mean
+from elign.engine.errors import ConfigError
+from elign.engine.metrics import MetricsWriter, NullLogger, PhaseTimer
+from elign.engine.rollout import Filter, IdentityFilter, Policy, PromptSource, Reward, Rollout
+
+BEST_MODES = ("max", "min")
+
+
+def seed_iteration(seed: int, iteration: int, rank: int) -> None:
+    """Reseed every RNG from (seed, iteration, rank): an iteration's randomness does not depend on
+    what ran before it, which makes resumed runs replay the same rollouts."""
+    s = (seed * 1_000_003 + iteration * 4099 + rank) % (2**63)
+    random.seed(s)
+    np.random.seed(s % (2**32))
+    torch.manual_seed(s)
+
+
+class Trainer:
+    """Runs RL iterations for any domain that implements :class:`Policy` and :class:`Reward`."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        strategy: Any,
+        reward: Reward,
+        dataloader: PromptSource,
+        run_dir: str | Path,
+        dist: DistInfo,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_schedule: Any,
+        max_iterations: int,
+        micro_batch_size: int,
+        step_chunk_size: int | None,
+        grad_accum_steps: int,
+        inner_epochs: int,
+        max_grad_norm: float | None,
+        save_interval: int,
+        best_metric: str | None,
+        best_mode: str,
+        resume: str | None,
+        seed: int,
+        progress: bool,
+        filter: Filter | None = None,
+        logger: Any = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        """
+        Args (the YAML keys; the objects before ``optimizer`` are passed by run.py):
+            optimizer: partial optimizer class, called with the trainable parameters.
+            lr_schedule: LR factor per optimizer step (``elign.engine.schedule``).
+            max_iterations: RL iterations (rollout + update) in the run.
+            micro_batch_size: samples per forward/backward.
+            step_chunk_size: steps per forward/backward (bounds activation memory); None = all.
+            grad_accum_steps: micro-batches per optimizer step.
+            inner_epochs: passes over each rollout (PPO epochs).
+            max_grad_norm: global gradient-norm clip per optimizer step; None = off.
+            save_interval: write checkpoint_latest.pth every this many iterations (and at the end).
+            best_metric: metric that selects checkpoint_best.pth; None = no best checkpoint.
+            best_mode: "max" or "min".
+            resume: None, "auto" (this run directory's latest checkpoint) or a checkpoint path.
+            seed: base seed; every iteration reseeds from (seed, iteration, rank).
+            progress: show a tqdm bar on rank 0.
+        """
+        for key, value, low in (("max_iterations", max_iterations, 1), ("micro_batch_size", micro_batch_size, 1),
+                                ("grad_accum_steps", grad_accum_steps, 1), ("inner_epochs", inner_epochs, 1),
+                                ("save_interval", save_interval, 1)):
+            if int(value) < low:
+                raise ConfigError(key, value, f"an integer >= {low}")
+        if step_chunk_size is not None and step_chunk_size < 1:
+            raise ConfigError("step_chunk_size", step_chunk_size, "an integer >= 1, or null for all steps")
+        if best_mode not in BEST_MODES:
+            raise ConfigError("best_mode", best_mode, BEST_MODES)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ConfigError("max_grad_norm", max_grad_norm, "a number > 0, or null for no clipping")
+        self.policy, self.strategy, self.reward, self.prompts = policy, strategy, reward, dataloader
+        self.filter = filter or IdentityFilter()
+        self.logger = logger or NullLogger()
+        self.dist, self.run_dir, self.config = dist, Path(run_dir), config or {}
+        self.max_iterations, self.micro_batch_size = int(max_iterations), int(micro_batch_size)
+        self.step_chunk_size, self.grad_accum_steps = step_chunk_size, int(grad_accum_steps)
+        self.inner_epochs, self.max_grad_norm = int(inner_epochs), max_grad_norm
+        self.resume, self.seed, self.progress = resume, int(seed), progress
+        self.group_size = int(dataloader.group_size)
+
+        self.params = [p for p in policy.module.parameters() if p.requires_grad]
+        self.optimizer = optimizer(self.params)
+        self.total_optimizer_steps = self.max_iterations * self._optimizer_steps_per_iteration()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule.bind(self.total_optimizer_steps))
+        self.ddp: DistributedDataParallel | None = None
+        if dist.enabled:
+            self.ddp = DistributedDataParallel(policy.module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+            policy.distribute(lambda module: self.ddp)
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = CheckpointManager(self.run_dir, save_interval, best_metric, best_mode, enabled=dist.is_main)
+        self.writer = MetricsWriter(self.run_dir, enabled=dist.is_main)
+        self.optimizer_steps = 0
+
+    def fit(self) -> dict[str, float]:
+        """Run from the first (or resumed) iteration to ``max_iterations``; returns the last metrics."""
+        start = self._restore()
+        if self.dist.is_main:
+            self.logger.start(str(self.run_dir), self.config, getattr(self.logger, "run_id", None))
+        bar = tqdm(range(start, self.max_iterations), initial=start, total=self.max_iterations,
+                   disable=not (self.progress and self.dist.is_main), desc="iterations", dynamic_ncols=True)
+        metrics: dict[str, float] = {}
+        for iteration in bar:
+            seed_iteration(self.seed, iteration, self.dist.rank)
+            timer = PhaseTimer()
+            with timer.phase("rollout"):
+                rollout = self.policy.rollout(next(self.prompts), self.group_size)
+            with timer.phase("reward"):
+                reward = self.filter(rollout, self.reward(rollout))
+                advantages, metrics = self.strategy.advantages(reward, rollout)
+            with timer.phase("update"):
+                metrics.update(self._update(rollout, advantages))
+            metrics.update(rollout.info.get("metrics", {}))
+            metrics.update(timer.metrics())
+            metrics["rollout/samples_per_s"] = rollout.batch_size / max(timer.seconds["rollout"], 1e-9)
+            metrics = reduce_mean(metrics, self.dist)
+            metrics.update({"iteration": iteration, "optimizer_step": self.optimizer_steps})
+            self.writer.write(metrics)
+            if self.dist.is_main:
+                self.logger.log(metrics, step=iteration)
+            last = iteration + 1 == self.max_iterations
+            self.checkpoints.save(self._state(iteration + 1), iteration + 1, metrics, last)
+            bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.4g}" for k in
+                             ("reward/total", "train/loss", "train/clip_frac") if k in metrics})
+        if self.dist.is_main:
+            self.logger.finish()
+        return metrics
+
+    # -- update -------------------------------------------------------------------------------
+
+    def _optimizer_steps_per_iteration(self) -> int:
+        micro_batches = math.ceil(int(self.prompts.batch_size) / self.micro_batch_size)
+        return math.ceil(micro_batches / self.grad_accum_steps) * self.inner_epochs
+
+    def _sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Under DDP, all-reduce gradients only on the last backward before an optimizer step."""
+        return contextlib.nullcontext() if (self.ddp is None or sync) else self.ddp.no_sync()
+
+    def _update(self, rollout: Rollout, advantages: torch.Tensor) -> dict[str, float]:
+        """Clipped-surrogate updates over micro-batches of samples and chunks of steps."""
+        steps = torch.nonzero(rollout.step_mask.any(dim=0)).squeeze(1)
+        if steps.numel() == 0:
+            raise RuntimeError("rollout has no trained step (step_mask is all False)")
+        chunks = steps.split(self.step_chunk_size or steps.numel())
+        micro = torch.arange(rollout.batch_size, device=steps.device).split(self.micro_batch_size)
+        sums: dict[str, float] = defaultdict(float)
+        grad_norms: list[float] = []
+        self.policy.module.train()
+        for _ in range(self.inner_epochs):
+            for first in range(0, len(micro), self.grad_accum_steps):
+                group = micro[first:first + self.grad_accum_steps]
+                denom = float(rollout.step_mask[torch.cat(group)].sum().clamp_min(1))
+                for i, index in enumerate(group):
+                    sub, sub_adv = rollout.select(index), advantages[index]
+                    for j, cols in enumerate(chunks):
+                        with self._sync(i == len(group) - 1 and j == len(chunks) - 1):
+                            logp, kl = self.policy.log_prob(sub, cols, with_kl=self.strategy.uses_kl)
+                            loss, stats = self.strategy.loss(logp, sub.logp_old[:, cols], sub_adv[:, cols],
+                                                             sub.step_mask[:, cols], kl, denom)
+                            loss.backward()
+                        for key, value in stats.items():
+                            sums[key] += float(value)
+                grad_norms.append(self._optimizer_step())
+        count = max(sums.pop("count", 0.0), 1.0)
+        out = {f"train/{k if k != 'clipped' else 'clip_frac'}": v / count for k, v in sums.items()}
+        out["train/ratio_mean"] = out.pop("train/ratio", float("nan"))
+        out["train/grad_norm"] = float(np.mean(grad_norms))
+        out["train/lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def _optimizer_step(self) -> float:
+        if self.max_grad_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        else:
+            norm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        return norm
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _state(self, next_iteration: int) -> dict[str, Any]:
+        return {
+            "iteration": next_iteration,
+            "optimizer_steps": self.optimizer_steps,
+            "model": self.policy.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": capture_rng(),
+            "logger": {"run_id": getattr(self.logger, "run_id", None)},
+        }
+
+    def _restore(self) -> int:
+        """Load the resume checkpoint if any; returns the first iteration to run."""
+        path = self.checkpoints.resolve_resume(self.resume)
+        if path is None:
+            return 0
+        state = load_checkpoint(path, map_location=self.dist.device)
+        self.policy.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer_steps = int(state["optimizer_steps"])
+        restore_rng(state["rng"])
+        self.checkpoints.best_value = state.get("best_value")
+        run_id = state.get("logger", {}).get("run_id")
+        if run_id is not None:
+            self.logger.run_id = run_id
+        start = int(state["iteration"])
+        self.writer.truncate_from(start)
+        if self.dist.is_main:
+            tqdm.write(f"resumed from {path} at iteration {start}")
+        return start

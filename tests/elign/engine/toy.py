@@ -1,0 +1,80 @@
+"""A categorical sequence policy: the smallest non-diffusion domain, used to prove that the
+engine is domain-free (same Trainer, same FED-GRPO strategy, no chemistry)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from elign.engine.rollout import RewardOutput, Rollout
+
+
+class TokenTable(nn.Module):
+    """Independent logits per position: ``[T, V]``."""
+
+    def __init__(self, num_steps: int, vocab: int) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(num_steps, vocab))
+
+    def forward(self, steps: Tensor) -> Tensor:
+        return self.logits[steps]
+
+
+class CategoricalPolicy:
+    def __init__(self, num_steps: int = 6, vocab: int = 4) -> None:
+        self.module = TokenTable(num_steps, vocab)
+        self.reference = copy.deepcopy(self.module).requires_grad_(False)
+        self.net: nn.Module = self.module
+        self.num_steps = num_steps
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        self.net = wrap(self.module)
+
+    def to(self, device: torch.device) -> "CategoricalPolicy":
+        self.module.to(device)
+        self.reference.to(device)
+        return self
+
+    @torch.no_grad()
+    def rollout(self, prompts: Tensor, group_size: int) -> Rollout:
+        b = prompts.shape[0] * group_size
+        steps = torch.arange(self.num_steps)
+        logp_all = torch.log_softmax(self.net(steps), dim=-1)  # [T, V]
+        tokens = torch.distributions.Categorical(logits=logp_all).sample((b,))  # [B, T]
+        logp = logp_all.gather(1, tokens.T).T
+        return Rollout(group_ids=torch.arange(prompts.shape[0]).repeat_interleave(group_size),
+                       logp_old=logp, step_mask=torch.ones(b, self.num_steps, dtype=torch.bool),
+                       payload={"tokens": tokens})
+
+    def log_prob(self, rollout: Rollout, steps: Tensor, with_kl: bool) -> tuple[Tensor, Tensor | None]:
+        logp_all = torch.log_softmax(self.net(steps), dim=-1)  # [t, V]
+        tokens = rollout.payload["tokens"][:, steps]  # [b, t]
+        logp = logp_all.unsqueeze(0).expand(tokens.shape[0], -1, -1).gather(2, tokens.unsqueeze(2)).squeeze(2)
+        kl = None
+        if with_kl:
+            ref = torch.log_softmax(self.reference(steps), dim=-1)
+            kl_step = (logp_all.exp() * (logp_all - ref)).sum(-1)  # [t]
+            kl = kl_step.unsqueeze(0).expand_as(logp)
+        return logp, kl
+
+
+class TargetTokenReward:
+    """Fraction of positions that hold token 0."""
+
+    def __call__(self, rollout: Rollout) -> RewardOutput:
+        tokens = rollout.payload["tokens"]
+        return RewardOutput(channels={"score": (tokens == 0).float().mean(dim=1)})
+
+
+class ToyPrompts:
+    def __init__(self, batch_size: int, group_size: int) -> None:
+        self.batch_size, self.group_size = batch_size, group_size
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self
+
+    def __next__(self) -> Tensor:
+        return torch.zeros(self.batch_size // self.group_size, dtype=torch.long)
