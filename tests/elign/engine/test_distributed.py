@@ -1,0 +1,65 @@
+"""Data-parallel updates: two gloo ranks on half the batch each == one process on the whole batch."""
+
+import functools
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from elign.engine.distributed import DistInfo, reduce_mean
+from elign.engine.rollout import Rollout
+from elign.engine.schedule import ConstantSchedule
+from elign.engine.strategies.fed_grpo import FedGRPOStrategy
+from elign.engine.trainer import Trainer
+from tests.elign.engine.toy import CategoricalPolicy, TargetTokenReward, ToyPrompts
+
+B, T = 8, 6
+
+
+def fixed_batch():
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 4, (B, T), generator=g)
+    adv = torch.randn(B, T, generator=g)
+    logp_old = torch.full((B, T), -1.3863) + 0.01 * torch.randn(B, T, generator=g)
+    rollout = Rollout(group_ids=torch.arange(B) // 4, logp_old=logp_old,
+                      step_mask=torch.ones(B, T, dtype=torch.bool), payload={"tokens": tokens})
+    return rollout, adv
+
+
+def one_update(info: DistInfo, index: torch.Tensor, tmp: str) -> torch.Tensor:
+    torch.manual_seed(0)
+    policy = CategoricalPolicy(num_steps=T, vocab=4)
+    with torch.no_grad():
+        policy.module.logits.copy_(torch.randn(T, 4, generator=torch.Generator().manual_seed(1)))
+    strategy = FedGRPOStrategy({"score": 1.0}, 1.0, "terminal", 1.0, None, 1e-8, 0.2, 0.0, -1.0)
+    trainer = Trainer(policy, strategy, TargetTokenReward(), ToyPrompts(len(index), 4), tmp, info,
+                      functools.partial(torch.optim.SGD, lr=1.0), ConstantSchedule(0), 1, len(index), 3, 1, 1,
+                      None, 1, None, "max", None, 0, False)
+    rollout, adv = fixed_batch()
+    trainer._update(rollout.select(index), adv[index])
+    return policy.module.logits.detach().clone()
+
+
+def _worker(rank: int, port: int, tmp: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    info = DistInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+    params = one_update(info, torch.arange(rank * B // 2, (rank + 1) * B // 2), tmp)
+    reduced = reduce_mean({"x": float(rank), f"only_{rank}": 1.0}, info)
+    if rank == 0:
+        torch.save({"params": params, "reduced": reduced}, out)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_match_one_process_and_metrics_reduce(tmp_path):
+    single = one_update(DistInfo(0, 1, 0, torch.device("cpu")), torch.arange(B), str(tmp_path / "single"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_worker, args=(port, str(tmp_path / "ddp"), out), nprocs=2, join=True)
+    result = torch.load(out, weights_only=True)
+    torch.testing.assert_close(result["params"], single, atol=1e-6, rtol=1e-5)
+    assert result["reduced"] == {"x": 0.5, "only_0": 0.5, "only_1": 0.5}
