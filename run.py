@@ -59,9 +59,14 @@ def _key_path(node: Any, key: str, value: Any, prefix: str) -> str:
 
 
 def build(cfg: DictConfig, group: str, **kwargs: Any) -> Any:
-    """Instantiate one config group; a ConfigError comes back with its full key (``model.num_steps``)."""
+    """Instantiate one config group; a ConfigError comes back with its full key (``model.num_steps``).
+
+    ``kwargs`` are live objects (policy, DistInfo, ...): they are passed to the constructor
+    directly, never through Hydra, which would try to convert them into config nodes."""
     try:
-        return instantiate(cfg[group], **kwargs)
+        if kwargs:
+            return instantiate(cfg[group], _partial_=True)(**kwargs)
+        return instantiate(cfg[group])
     except (InstantiationException, ConfigError) as exc:
         cause: BaseException | None = exc
         while cause is not None and not isinstance(cause, ConfigError):
@@ -88,9 +93,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_compatible(cfg, dataloader, strategy)
     policy = build(cfg, "model").to(dist.device)
     objects = {g: build(cfg, g) for g in ("reward", "filter", "logger")}
-    container = OmegaConf.to_container(cfg, resolve=True)
     trainer = build(cfg, "trainer", policy=policy, strategy=strategy, dataloader=dataloader, run_dir=str(run_dir),
-                    dist=dist, config=container, **objects)
+                    dist=dist, **objects)
+    # Set after instantiation: passed through instantiate(), Hydra would try to build its _target_s.
+    trainer.run_config = OmegaConf.to_container(cfg, resolve=True)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

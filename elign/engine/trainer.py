@@ -59,7 +59,7 @@ class Trainer:
         progress: bool,
         filter: Filter | None = None,
         logger: Any = None,
-        config: dict[str, Any] | None = None,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         """
         Args (the YAML keys; the objects before ``optimizer`` are passed by run.py):
@@ -92,7 +92,7 @@ class Trainer:
         self.policy, self.strategy, self.reward, self.prompts = policy, strategy, reward, dataloader
         self.filter = filter or IdentityFilter()
         self.logger = logger or NullLogger()
-        self.dist, self.run_dir, self.config = dist, Path(run_dir), config or {}
+        self.dist, self.run_dir, self.run_config = dist, Path(run_dir), run_config or {}
         self.max_iterations, self.micro_batch_size = int(max_iterations), int(micro_batch_size)
         self.step_chunk_size, self.grad_accum_steps = step_chunk_size, int(grad_accum_steps)
         self.inner_epochs, self.max_grad_norm = int(inner_epochs), max_grad_norm
@@ -117,7 +117,7 @@ class Trainer:
         """Run from the first (or resumed) iteration to ``max_iterations``; returns the last metrics."""
         start = self._restore()
         if self.dist.is_main:
-            self.logger.start(str(self.run_dir), self.config, getattr(self.logger, "run_id", None))
+            self.logger.start(str(self.run_dir), self.run_config, getattr(self.logger, "run_id", None))
         bar = tqdm(range(start, self.max_iterations), initial=start, total=self.max_iterations,
                    disable=not (self.progress and self.dist.is_main), desc="iterations", dynamic_ncols=True)
         metrics: dict[str, float] = {}
