@@ -74,7 +74,7 @@ def _canonical_lines(lines: Iterable[str], source: str, canonicalize: bool, isom
 def load_reference_smiles(
     path: str | os.PathLike[str], canonicalize: bool = True, isomeric: bool = True
 ) -> frozenset[str]:
-    """Read a SMILES-per-line file (e.g. ``/work/shared/data/qm9_smiles.txt``) as a novelty reference.
+    """Read a SMILES-per-line file (e.g. ``../shared/data/qm9_smiles.txt``) as a novelty reference.
 
     Blank lines and lines starting with ``#`` are skipped; only the first whitespace-separated token of
     a line is used. Every SMILES is parsed (and by default re-canonicalised) with RDKit; a line RDKit

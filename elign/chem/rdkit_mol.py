@@ -1,7 +1,7 @@
 """RDKit molecules and canonical SMILES from 3D geometries with EDM bond inference (spec §2.4).
 
 Pipeline (EDM's ``build_molecule`` + ``mol2smiles`` + largest fragment, with the SMILES *form* chosen to
-match ``/work/shared/data/qm9_smiles.txt``, our novelty reference):
+match ``../shared/data/qm9_smiles.txt``, our novelty reference):
 
 1. :func:`build_molecule`: every atom, hydrogens included, becomes an RDKit atom; every pair with inferred
    order 1/2/3 becomes a single/double/triple bond; the positions (Å) are stored as a conformer.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-QM9_SMILES_PATH = Path(os.environ.get("ELIGN_QM9_SMILES", "/work/shared/data/qm9_smiles.txt"))
+QM9_SMILES_PATH = Path(os.environ.get("ELIGN_QM9_SMILES", Path(__file__).resolve().parents[3].parent / "shared" / "data" / "qm9_smiles.txt"))
 QM9_SAMPLE_SEED = 2024
 QM9_SAMPLE_DRAW = 48
 
