@@ -1,0 +1,68 @@
+"""MMFF94 energies and forces through RDKit, with bond perception from the coordinates.
+
+Generated molecules come as atoms + coordinates only, so each molecule is first given bonds and
+bond orders by ``rdDetermineBonds.DetermineBonds(mol, charge=..., useHueckel=True)`` (connectivity
+from an extended-Hückel calculation, which is more robust than distance rules on distorted
+geometries), sanitised, typed with MMFF94 (or MMFF94s) and evaluated: the energy comes back in
+kcal/mol (× ``KCAL_PER_MOL_EV`` → eV) and the gradient in kcal/mol/Å (× ``-KCAL_PER_MOL_EV`` →
+force in eV/Å). Interactions between disconnected fragments are kept (RDKit's default drops
+them), so fragments that overlap are still pushed apart.
+
+Only H, C, N, O, F, Si, P, S, Cl, Br and I are accepted (others: ``unsupported_element``; see
+:data:`elign.forcefield.kernels.MMFF_ELEMENTS`). MMFF fails often on noisy geometries; such
+molecules get ``ok = False`` with the reason code ``atoms_overlap`` (two atoms within 0.01 Å:
+checked first, because exactly coincident atoms crash the Hückel code), ``bond_perception_failed``, ``sanitization_failed``, ``mmff_missing_parameters`` (an element or
+environment MMFF cannot type) or ``mmff_setup_failed``. RDKit's C++ log is silenced in the
+process that runs the calculation.
+
+Parallelism is the same as :mod:`elign.forcefield.xtb`: ``num_workers >= 2`` persistent
+single-threaded spawn processes, 0 or 1 in the calling process.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from elign.engine.errors import ConfigError
+from elign.forcefield._pool import WorkerPool
+from elign.forcefield.base import ForceField, Molecule, MoleculeResult
+from elign.forcefield.kernels import mmff_singlepoints
+
+MMFF_VARIANTS = ("MMFF94", "MMFF94s")
+
+
+class MMFFForceField(ForceField):
+    """RDKit MMFF94 single points for a padded batch; see the module docstring.
+
+    Args:
+        variant: "MMFF94" (default) or "MMFF94s".
+        charge: total charge of every molecule, e (used by bond-order perception).
+        num_workers: worker processes; 0 or 1 = in the calling process.
+    """
+
+    def __init__(self, *, variant: str = "MMFF94", charge: int = 0, num_workers: int = 0) -> None:
+        if variant not in MMFF_VARIANTS:
+            raise ConfigError("variant", variant, MMFF_VARIANTS)
+        if num_workers < 0:
+            raise ConfigError("num_workers", num_workers, "an integer >= 0")
+        self.num_workers = num_workers
+        self.config = {"variant": variant, "charge": int(charge)}
+        self._pool = WorkerPool(num_workers, preload=("rdkit.Chem.rdDetermineBonds",)) if num_workers >= 2 else None
+
+    def compute_molecules(self, molecules: Sequence[Molecule]) -> list[MoleculeResult]:
+        """MMFF single points of unpadded molecules (eV, eV/Å); see :class:`ForceField`."""
+        if self._pool is None:
+            raw = mmff_singlepoints(self.config, list(molecules))
+        else:
+            raw = self._pool.map_chunks(
+                mmff_singlepoints, self.config, molecules, on_crash=(float("nan"), None, "worker_crashed")
+            )
+        return [MoleculeResult(energy, forces, reason) for energy, forces, reason in raw]
+
+    def close(self) -> None:
+        """Stop the worker processes (if any); a later call starts new ones."""
+        if self._pool is not None:
+            self._pool.close()
+
+    def __repr__(self) -> str:
+        return f"MMFFForceField(num_workers={self.num_workers}, {self.config})"
