@@ -24,7 +24,6 @@ def xtb_atom_energies(method: str = "GFN2-xTB", numbers: tuple[int, ...] = (1, 6
     for z in numbers:
         calc = Calculator(method, np.array([z]), np.zeros((1, 3)), charge=0, uhf=UNPAIRED_ELECTRONS[z])
         calc.set("verbosity", 0)
-        calc.set("save-integrals", 0)
         out[z] = float(calc.singlepoint().get("energy")) * Hartree
     return out
 

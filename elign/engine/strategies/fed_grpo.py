@@ -102,7 +102,8 @@ class FedGRPOStrategy:
         metrics["reward/total"] = total
         for reason, count in reward.failures.items():
             metrics[f"reward/failed_{reason}"] = float(count)
-        metrics.update({f"reward/{k}": float(v) for k, v in reward.metrics.items()})
+        # Names with a group ("rollout/validity") are logged as they are, others under reward/.
+        metrics.update({(k if "/" in k else f"reward/{k}"): float(v) for k, v in reward.metrics.items()})
 
         keep = None if reward.keep is None else reward.keep.to(rollout.logp_old.device)
         evaluated = None if reward.potential_mask is None else reward.potential_mask.to(rollout.logp_old.device)
