@@ -53,11 +53,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="T, reverse diffusion steps")
     p.add_argument("--skip-prefix", type=int, default=None, help="shared, untrained first steps")
     p.add_argument("--atoms", type=int, default=None, help="fix every molecule to this many atoms")
-    p.add_argument("--iterations", type=int, default=2, help="timed iterations (after one warm-up)")
+    p.add_argument("--iterations", type=int, default=2, help="timed iterations")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first (0 for very long layouts)")
     p.add_argument("--micro-batch", type=int, default=None, help="trainer.micro_batch_size")
     p.add_argument("--step-chunk", type=int, default=None, help="trainer.step_chunk_size")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--sample-only", action="store_true", help="time sampling only")
+    p.add_argument("--progress", action="store_true", help="show the trainer's progress bar")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. strategy.kl_coef=0")
     return p.parse_args()
 
@@ -92,7 +94,8 @@ def main() -> None:
           f"skip_prefix = {cfg.model.skip_prefix}; threads = {torch.get_num_threads()}")
 
     if a.sample_only:
-        policy.rollout(next(prompts), prompts.group_size)  # warm-up
+        for _ in range(a.warmup):
+            policy.rollout(next(prompts), prompts.group_size)
         times = []
         for _ in range(a.iterations):
             start = time.perf_counter()
@@ -104,14 +107,16 @@ def main() -> None:
               f"-> {r.batch_size / mean:.2f} molecules/s")
         print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
         return
+    if a.progress:
+        cfg.trainer.progress = True
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = run_module.build(cfg, "trainer", policy=policy, strategy=run_module.build(cfg, "strategy"),
                                    dataloader=prompts, run_dir=tmp, dist=dist,
                                    reward=run_module.build(cfg, "reward"), filter=run_module.build(cfg, "filter"))
-        trainer.max_iterations = a.iterations + 1
+        trainer.max_iterations = a.iterations + a.warmup
         trainer.fit()
-        rows = read_metrics(tmp)[1:]
+        rows = read_metrics(tmp)[a.warmup:]
     phases = ("rollout", "reward", "update")
     mean = {p: sum(r[f"timing/{p}"] for r in rows) / len(rows) for p in phases}
     total = sum(mean.values())
@@ -120,7 +125,7 @@ def main() -> None:
     print(f"sampling throughput: {b / mean['rollout']:.2f} molecules/s; "
           f"iteration throughput: {b / total:.2f} molecules/s")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
-          f"(timed over {len(rows)} iterations after 1 warm-up)")
+          f"(timed over {len(rows)} iterations after {a.warmup} warm-up)")
 
 
 if __name__ == "__main__":

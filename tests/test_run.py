@@ -146,3 +146,11 @@ def test_cli_pbrs_xtb_recipe_end_to_end(tmp_path):
     assert last["reward/shaping_evaluations"] > 0
     cfg = OmegaConf.load(tmp_path / "run" / "config.yaml")
     assert cfg.strategy.advantage_mode == "pbrs_return_to_go" and cfg.model.record_z0_pred
+
+
+def test_cli_prints_composed_config(tmp_path):
+    out = _run([sys.executable, str(ROOT / "run.py"), "--cfg", "job", "reward=mmff"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = OmegaConf.create(out.stdout)
+    assert cfg.reward.force_field._target_ == "elign.forcefield.mmff.MMFFForceField"
+    assert not (tmp_path / "outputs").exists(), "--cfg must not start a run"

@@ -12,7 +12,7 @@ from tests.test_run import CONF
 
 OVERRIDES = [
     "model.dynamics.num_layers=2", "model.dynamics.hidden_nf=32", "model.num_steps=10",
-    "reward=compactness", "strategy.kl_coef=0", "strategy.clip_range=0.2",
+    "reward=compactness", "filter=none", "strategy.kl_coef=0", "strategy.clip_range=0.2",
     "dataloader.batch_size=16", "dataloader.group_size=4",
     "trainer.micro_batch_size=16", "trainer.step_chunk_size=null", "trainer.max_iterations=20",
     "trainer.optimizer.lr=3e-4", "trainer.lr_schedule.warmup_steps=0", "trainer.progress=false",
