@@ -93,6 +93,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_compatible(cfg, dataloader, strategy)
     policy = build(cfg, "model").to(dist.device)
     objects = {g: build(cfg, g) for g in ("reward", "filter", "logger")}
+    objects["evaluator"] = build(cfg, "evaluator") if cfg.get("evaluator") is not None else None
     trainer = build(cfg, "trainer", policy=policy, strategy=strategy, dataloader=dataloader, run_dir=str(run_dir),
                     dist=dist, **objects)
     # Set after instantiation: passed through instantiate(), Hydra would try to build its _target_s.
@@ -113,6 +114,9 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as exc:
         print(f"Config error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if cfg.trainer.best_metric and not Path(HydraConfig.get().runtime.output_dir, "checkpoint_best.pth").exists():
+        print(f"warning: trainer.best_metric={cfg.trainer.best_metric!r} was never logged; no best checkpoint",
+              file=sys.stderr)
     value = metrics.get(cfg.trainer.best_metric) if cfg.trainer.best_metric else None
     return None if value is None else float(value)  # the objective of a sweep
 

@@ -24,6 +24,7 @@ from elign.edm.diffusion import (
     sample_step,
 )
 from elign.edm.egnn import EGNNDynamics
+from elign.edm.losses import encode_latent, noise_prediction_loss
 from elign.edm.schedule import PolynomialSchedule
 from elign.engine.errors import ConfigError
 from elign.engine.rollout import Rollout
@@ -38,11 +39,14 @@ def _divisors(n: int) -> list[int]:
 def extract_dynamics_state(obj: object) -> dict[str, Tensor]:
     """The dynamics' state dict from a loaded checkpoint object.
 
-    Accepts a raw dynamics state dict, our trainer checkpoint (``{"model": state, ...}``), and the
+    Accepts a raw dynamics state dict, our trainer checkpoint (``{"model": state, ...}``; its EMA
+    weights ``"ema"`` when it has them), and the
     upstream/ELIGN layouts (``model_state_dict``, ``module.``/``model.`` prefixes, a flow dict whose
     dynamics keys start with ``dynamics.`` next to ``buffer`` and ``gamma.gamma``).
     """
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
+        obj = obj["ema"]  # a pretraining checkpoint: sample from the EMA weights, as EDM does
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
         obj = obj["model_state_dict"]
@@ -206,6 +210,21 @@ class EDMPolicy:
             mean_ref, _ = reverse_step(z_t, eps_ref, gamma_t, gamma_s)
         kl = gaussian_kl_same_sigma(mean, mean_ref, sigma, mask_f).view(b, t)
         return logp, kl
+
+    def supervised_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """EDM's noise-prediction loss on a data batch (pretraining), through the same forward
+        path as ``log_prob`` (so DDP synchronises it).
+
+        Args:
+            batch: ``positions [B, N, 3]`` Å, ``one_hot [B, N, 5]``, ``charges [B, N, 1]`` atomic
+                numbers, ``node_mask [B, N]`` (``elign.data.dataset.collate_qm9``).
+        """
+        device = self.device
+        mask = batch["node_mask"].to(device).bool()
+        x0 = encode_latent(batch["positions"].to(device, self.dtype), batch["one_hot"].to(device),
+                           batch["charges"].to(device).reshape(mask.shape), mask)
+        loss = noise_prediction_loss(self._forward, self.schedule, x0, mask)
+        return loss, {"atoms_per_molecule": float(mask.sum(1).double().mean())}
 
     # ------------------------------------------------------------------ sampling internals
 

@@ -99,11 +99,8 @@ class CheckpointManager:
         return path
 
     def improved(self, metrics: dict[str, float]) -> bool:
-        if self.best_metric is None:
-            return False
-        if self.best_metric not in metrics:
-            raise KeyError(f"trainer.best_metric={self.best_metric!r} is not among the logged metrics: "
-                           f"{sorted(metrics)}")
+        if self.best_metric is None or self.best_metric not in metrics:
+            return False  # e.g. an eval/ metric on an iteration without evaluation
         value = float(metrics[self.best_metric])
         if math.isnan(value):
             return False

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from elign.engine.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
 from elign.engine.distributed import DistInfo, reduce_mean
+from elign.engine.ema import ParameterEMA
 from elign.engine.errors import ConfigError
 from elign.engine.metrics import MetricsWriter, NullLogger, PhaseTimer
 from elign.engine.rollout import Filter, IdentityFilter, Policy, PromptSource, Reward, Rollout
@@ -57,8 +58,11 @@ class Trainer:
         resume: str | None,
         seed: int,
         progress: bool,
+        ema_decay: float = 0.0,
+        eval_interval: int = 0,
         filter: Filter | None = None,
         logger: Any = None,
+        evaluator: Callable[[Any], dict[str, float]] | None = None,
         run_config: dict[str, Any] | None = None,
     ) -> None:
         """
@@ -77,6 +81,8 @@ class Trainer:
             resume: None, "auto" (this run directory's latest checkpoint) or a checkpoint path.
             seed: base seed; every iteration reseeds from (seed, iteration, rank).
             progress: show a tqdm bar on rank 0.
+            ema_decay: keep an exponential moving average of the weights (0 = off; EDM used 0.9999).
+            eval_interval: run ``evaluator`` every this many iterations and at the end (0 = never).
         """
         for key, value, low in (("max_iterations", max_iterations, 1), ("micro_batch_size", micro_batch_size, 1),
                                 ("grad_accum_steps", grad_accum_steps, 1), ("inner_epochs", inner_epochs, 1),
@@ -89,6 +95,10 @@ class Trainer:
             raise ConfigError("best_mode", best_mode, BEST_MODES)
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ConfigError("max_grad_norm", max_grad_norm, "a number > 0, or null for no clipping")
+        if not (ema_decay == 0 or 0 < ema_decay < 1):
+            raise ConfigError("ema_decay", ema_decay, "0 (off) or a number in (0, 1)")
+        if eval_interval < 0:
+            raise ConfigError("eval_interval", eval_interval, "an integer >= 0 (0 = never)")
         self.policy, self.strategy, self.reward, self.prompts = policy, strategy, reward, dataloader
         self.filter = filter or IdentityFilter()
         self.logger = logger or NullLogger()
@@ -98,6 +108,8 @@ class Trainer:
         self.inner_epochs, self.max_grad_norm = int(inner_epochs), max_grad_norm
         self.resume, self.seed, self.progress = resume, int(seed), progress
         self.group_size = int(dataloader.group_size)
+        self.supervised = getattr(strategy, "kind", "rl") == "supervised"
+        self.evaluator, self.eval_interval = evaluator, int(eval_interval)
 
         self.params = [p for p in policy.module.parameters() if p.requires_grad]
         self.optimizer = optimizer(self.params)
@@ -112,6 +124,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir, save_interval, best_metric, best_mode, enabled=dist.is_main)
         self.writer = MetricsWriter(self.run_dir, enabled=dist.is_main)
         self.optimizer_steps = 0
+        self.ema = ParameterEMA(policy.module, ema_decay) if ema_decay > 0 else None
 
     def fit(self) -> dict[str, float]:
         """Run from the first (or resumed) iteration to ``max_iterations``; returns the last metrics."""
@@ -124,22 +137,17 @@ class Trainer:
         for iteration in bar:
             seed_iteration(self.seed, iteration, self.dist.rank)
             timer = PhaseTimer()
-            with timer.phase("rollout"):
-                rollout = self.policy.rollout(next(self.prompts), self.group_size)
-            with timer.phase("reward"):
-                reward = self.filter(rollout, self.reward(rollout))
-                advantages, metrics = self.strategy.advantages(reward, rollout)
-            with timer.phase("update"):
-                metrics.update(self._update(rollout, advantages))
-            metrics.update(rollout.info.get("metrics", {}))
+            metrics = self._supervised_iteration(timer) if self.supervised else self._rl_iteration(timer)
+            last = iteration + 1 == self.max_iterations
+            if self.evaluator is not None and self.eval_interval and ((iteration + 1) % self.eval_interval == 0 or last):
+                with timer.phase("eval"):
+                    metrics.update(self._evaluate())
             metrics.update(timer.metrics())
-            metrics["rollout/samples_per_s"] = rollout.batch_size / max(timer.seconds["rollout"], 1e-9)
             metrics = reduce_mean(metrics, self.dist)
             metrics.update({"iteration": iteration, "optimizer_step": self.optimizer_steps})
             self.writer.write(metrics)
             if self.dist.is_main:
                 self.logger.log(metrics, step=iteration)
-            last = iteration + 1 == self.max_iterations
             self.checkpoints.save(self._state(iteration + 1), iteration + 1, metrics, last)
             bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.4g}" for k in
                              ("reward/total", "train/loss", "train/clip_frac") if k in metrics})
@@ -147,9 +155,44 @@ class Trainer:
             self.logger.finish()
         return metrics
 
+    # -- one iteration ------------------------------------------------------------------------
+
+    def _rl_iteration(self, timer: PhaseTimer) -> dict[str, float]:
+        """Rollout, reward, filter, advantages, clipped-surrogate update."""
+        with timer.phase("rollout"):
+            rollout = self.policy.rollout(next(self.prompts), self.group_size)
+        with timer.phase("reward"):
+            reward = self.filter(rollout, self.reward(rollout))
+            advantages, metrics = self.strategy.advantages(reward, rollout)
+        with timer.phase("update"):
+            metrics.update(self._update(rollout, advantages))
+        metrics.update(rollout.info.get("metrics", {}))
+        metrics["rollout/samples_per_s"] = rollout.batch_size / max(timer.seconds["rollout"], 1e-9)
+        return metrics
+
+    def _supervised_iteration(self, timer: PhaseTimer) -> dict[str, float]:
+        """One optimizer step on the domain's supervised loss."""
+        with timer.phase("data"):
+            batch = next(self.prompts)
+        with timer.phase("update"):
+            self.policy.module.train()
+            loss, extra = self.strategy.loss(self.policy, batch)
+            loss.backward()
+            norm = self._optimizer_step()
+        return {"train/loss": float(loss.detach()), "train/grad_norm": norm, "train/lr": self.scheduler.get_last_lr()[0],
+                **{f"train/{k}": float(v) for k, v in extra.items()}}
+
+    def _evaluate(self) -> dict[str, float]:
+        """The evaluator on the EMA weights if any (what one would ship), else the raw weights."""
+        self.policy.module.eval()
+        with torch.random.fork_rng(), (self.ema.swapped_in() if self.ema else contextlib.nullcontext()):
+            return {k if k.startswith("eval/") else f"eval/{k}": float(v) for k, v in self.evaluator(self.policy).items()}
+
     # -- update -------------------------------------------------------------------------------
 
     def _optimizer_steps_per_iteration(self) -> int:
+        if self.supervised:
+            return 1
         micro_batches = math.ceil(int(self.prompts.batch_size) / self.micro_batch_size)
         return math.ceil(micro_batches / self.grad_accum_steps) * self.inner_epochs
 
@@ -198,6 +241,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
+        if self.ema is not None:
+            self.ema.update()
         return norm
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -211,6 +256,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": capture_rng(),
             "logger": {"run_id": getattr(self.logger, "run_id", None)},
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+            **({"dataloader": self.prompts.state_dict()} if hasattr(self.prompts, "state_dict") else {}),
         }
 
     def _restore(self) -> int:
@@ -223,6 +270,12 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.optimizer_steps = int(state["optimizer_steps"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise KeyError(f"{path} has no EMA weights but trainer.ema_decay > 0")
+            self.ema.load_state_dict(state["ema"])
+        if "dataloader" in state and hasattr(self.prompts, "load_state_dict"):
+            self.prompts.load_state_dict(state["dataloader"])
         restore_rng(state["rng"])
         self.checkpoints.best_value = state.get("best_value")
         run_id = state.get("logger", {}).get("run_id")

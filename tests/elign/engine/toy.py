@@ -78,3 +78,14 @@ class ToyPrompts:
 
     def __next__(self) -> Tensor:
         return torch.zeros(self.batch_size // self.group_size, dtype=torch.long)
+
+
+def supervised_loss(self, batch: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy of the per-position logits against data sequences ``[b, T]``."""
+    logits = self.net(torch.arange(self.num_steps))  # [T, V]
+    logp = torch.log_softmax(logits, dim=-1)
+    nll = -logp.unsqueeze(0).expand(batch.shape[0], -1, -1).gather(2, batch.unsqueeze(2)).mean()
+    return nll, {"nll": float(nll.detach())}
+
+
+CategoricalPolicy.supervised_loss = supervised_loss  # type: ignore[attr-defined]
