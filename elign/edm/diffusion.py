@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from elign.engine.losses import gaussian_kl_same_std
+
 N_POS = 3  # number of position channels at the front of every latent
 
 
@@ -163,7 +165,7 @@ def gaussian_log_prob(z_s: Tensor, mean: Tensor, sigma: Tensor, mask: Tensor) ->
 
 def gaussian_kl_same_sigma(mean_p: Tensor, mean_q: Tensor, sigma: Tensor, mask: Tensor) -> Tensor:
     """``KL(N(mean_p, sigma^2 I) || N(mean_q, sigma^2 I)) = sum (mean_p - mean_q)^2 / (2 sigma^2)``
-    over the valid atoms and all channels. ``[M, N, C]``, ``[M, N, C]``, ``[M]``, ``[M, N]`` -> ``[M]``."""
-    m = _mask3(mask, mean_p)
+    over the valid atoms and all channels (the engine's closed form with the EDM atom mask).
+    ``[M, N, C]``, ``[M, N, C]``, ``[M]``, ``[M, N]`` -> ``[M]``."""
     sigma = torch.as_tensor(sigma, dtype=mean_p.dtype, device=mean_p.device).expand(mean_p.shape[0])
-    return (((mean_p - mean_q) * m) ** 2).sum(dim=(1, 2)) / (2.0 * sigma**2)
+    return gaussian_kl_same_std(mean_p, mean_q, sigma, _mask3(mask, mean_p))

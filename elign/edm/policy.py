@@ -61,6 +61,17 @@ def extract_dynamics_state(obj: object) -> dict[str, Tensor]:
     return state
 
 
+def resolve_package_path(path: str) -> str:
+    """``package:elign/edm/weights/x.pth`` -> the file inside the installed package (so configs can
+    name shipped weights independently of the working directory); other paths unchanged."""
+    if not path.startswith("package:"):
+        return path
+    import importlib.resources
+
+    package, _, rest = path.removeprefix("package:").partition("/")
+    return str(importlib.resources.files(package).joinpath(rest))
+
+
 class EDMPolicy:
     """Sampler and differentiable log-probabilities for EDM (implements the engine's ``Policy``).
 
@@ -309,6 +320,7 @@ class EDMPolicy:
         }
 
     def _load(self, path: str) -> None:
+        path = resolve_package_path(path)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
