@@ -74,6 +74,18 @@ def _split_first_linear(layer: nn.Linear, h: Tensor, row: Tensor, col: Tensor, e
     return F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
 
 
+_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _linear_silu(layer: nn.Linear, x: Tensor) -> Tensor:
+    """``silu(layer(x))``. Without gradients on CPU (sampling), one oneDNN call with SiLU as a
+    fused post-op: no bias broadcast copy and no separate pass over the ``[E, nf]`` edge tensor
+    (~1.5x faster per call). It has no autograd formula, so training uses the plain ops."""
+    if _FUSED_LINEAR and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "swish", [], "")
+    return _silu(layer(x))
+
+
 def _silu(x: Tensor) -> Tensor:
     # In place when nothing will be differentiated: the [E, nf] edge tensors dominate memory traffic.
     return F.silu(x, inplace=not torch.is_grad_enabled())
@@ -97,7 +109,7 @@ class GCL(nn.Module):
     def forward(self, h: Tensor, row: Tensor, col: Tensor, edge_attr: Tensor) -> Tensor:
         """``h`` ``[V, nf]``, ``row``/``col`` ``[E]``, ``edge_attr`` ``[E, 2]`` -> new ``h`` ``[V, nf]``."""
         pre = _split_first_linear(self.edge_mlp[0], h, row, col, edge_attr)
-        mij = _silu(self.edge_mlp[2](_silu(pre)))
+        mij = _linear_silu(self.edge_mlp[2], _silu(pre))
         if self.attention:
             gate = self.att_mlp(mij)
             msg = mij.mul_(gate) if not torch.is_grad_enabled() else mij * gate
@@ -106,7 +118,7 @@ class GCL(nn.Module):
         agg = h.new_zeros(h.shape).index_add_(0, row, msg)
         if self.normalization_factor != 1:
             agg = agg / self.normalization_factor
-        return h + self.node_mlp(torch.cat([h, agg], dim=1))
+        return h + self.node_mlp[2](_linear_silu(self.node_mlp[0], torch.cat([h, agg], dim=1)))
 
 
 class EquivariantUpdate(nn.Module):
@@ -137,7 +149,7 @@ class EquivariantUpdate(nn.Module):
         """``h`` ``[V, nf]``, ``x`` ``[V, 3]``, ``coord_diff`` ``[E, 3]``, ``edge_attr`` ``[E, 2]``
         -> ``x`` ``[V, 3]``."""
         pre = _split_first_linear(self.coord_mlp[0], h, row, col, edge_attr)
-        scale = self.coord_mlp[4](_silu(self.coord_mlp[2](_silu(pre))))
+        scale = self.coord_mlp[4](_linear_silu(self.coord_mlp[2], _silu(pre)))
         if self.tanh:
             scale = torch.tanh(scale) * self.coords_range
         agg = x.new_zeros(x.shape).index_add_(0, row, coord_diff * scale)
