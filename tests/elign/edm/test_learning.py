@@ -20,7 +20,7 @@ OVERRIDES = [
 ]
 
 
-def pretrain(policy, steps: int = 200) -> None:
+def pretrain(policy, steps: int = 600) -> None:
     """A few hundred noise-prediction steps on synthetic clouds of 8-25 atoms (std 1 Å): RL starts from a
     pretrained model in practice; an untrained EDM predicts eps ~ 0 and its samples blow up to
     |x| ~ 1e3 Å (z_T amplified by 1 / alpha_T), which is no test bed for the gradient sign."""
