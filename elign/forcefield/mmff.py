@@ -21,17 +21,14 @@ single-threaded spawn processes, 0 or 1 in the calling process.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from elign.engine.errors import ConfigError
-from elign.forcefield._pool import WorkerPool
-from elign.forcefield.base import ForceField, Molecule, MoleculeResult
+from elign.forcefield.pooled import PooledForceField
 from elign.forcefield.kernels import mmff_singlepoints
 
 MMFF_VARIANTS = ("MMFF94", "MMFF94s")
 
 
-class MMFFForceField(ForceField):
+class MMFFForceField(PooledForceField):
     """RDKit MMFF94 single points for a padded batch; see the module docstring.
 
     Args:
@@ -43,26 +40,5 @@ class MMFFForceField(ForceField):
     def __init__(self, *, variant: str = "MMFF94", charge: int = 0, num_workers: int = 0) -> None:
         if variant not in MMFF_VARIANTS:
             raise ConfigError("variant", variant, MMFF_VARIANTS)
-        if num_workers < 0:
-            raise ConfigError("num_workers", num_workers, "an integer >= 0")
-        self.num_workers = num_workers
         self.config = {"variant": variant, "charge": int(charge)}
-        self._pool = WorkerPool(num_workers, preload=("rdkit.Chem.rdDetermineBonds",)) if num_workers >= 2 else None
-
-    def compute_molecules(self, molecules: Sequence[Molecule]) -> list[MoleculeResult]:
-        """MMFF single points of unpadded molecules (eV, eV/Å); see :class:`ForceField`."""
-        if self._pool is None:
-            raw = mmff_singlepoints(self.config, list(molecules))
-        else:
-            raw = self._pool.map_chunks(
-                mmff_singlepoints, self.config, molecules, on_crash=(float("nan"), None, "worker_crashed")
-            )
-        return [MoleculeResult(energy, forces, reason) for energy, forces, reason in raw]
-
-    def close(self) -> None:
-        """Stop the worker processes (if any); a later call starts new ones."""
-        if self._pool is not None:
-            self._pool.close()
-
-    def __repr__(self) -> str:
-        return f"MMFFForceField(num_workers={self.num_workers}, {self.config})"
+        super().__init__(mmff_singlepoints, num_workers, preload=("rdkit.Chem.rdDetermineBonds",))

@@ -19,20 +19,19 @@ process, also with one OpenMP thread (see :func:`_one_openmp_thread`).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 
 from elign.engine.errors import ConfigError
-from elign.forcefield._pool import WorkerPool
-from elign.forcefield.base import ForceField, Molecule, MoleculeResult
+from elign.forcefield.pooled import PooledForceField
 from elign.forcefield.kernels import xtb_singlepoints
 
 #: Methods tblite ships parameters for.
 XTB_METHODS = ("GFN2-xTB", "GFN1-xTB", "IPEA1-xTB")
 
 
-class XTBForceField(ForceField):
+class XTBForceField(PooledForceField):
     """GFN-xTB (tblite) single points for a padded batch; see the module docstring.
 
     All arguments are keyword-only (they map one-to-one onto the Hydra config keys).
@@ -58,8 +57,6 @@ class XTBForceField(ForceField):
         charge: int = 0,
         uhf: int = 0,
     ) -> None:
-        if num_workers < 0:
-            raise ConfigError("num_workers", num_workers, "an integer >= 0")
         if method not in XTB_METHODS:
             raise ConfigError("method", method, XTB_METHODS)
         if not accuracy > 0:
@@ -70,7 +67,6 @@ class XTBForceField(ForceField):
             raise ConfigError("electronic_temperature", electronic_temperature, "a temperature >= 0 K")
         if uhf < 0:
             raise ConfigError("uhf", uhf, "an integer >= 0")
-        self.num_workers = num_workers
         # Plain dict: this is what is pickled to the workers with every chunk.
         self.config = {
             "method": method,
@@ -80,26 +76,10 @@ class XTBForceField(ForceField):
             "charge": int(charge),
             "uhf": int(uhf),
         }
-        self._pool = WorkerPool(num_workers, preload=("tblite.interface",)) if num_workers >= 2 else None
+        super().__init__(xtb_singlepoints, num_workers, preload=("tblite.interface",))
 
-    def compute_molecules(self, molecules: Sequence[Molecule]) -> list[MoleculeResult]:
-        """tblite single points of unpadded molecules (eV, eV/Å); see :class:`ForceField`."""
-        if self._pool is None:
-            with _one_openmp_thread():
-                raw = xtb_singlepoints(self.config, list(molecules))
-        else:
-            raw = self._pool.map_chunks(
-                xtb_singlepoints, self.config, molecules, on_crash=(float("nan"), None, "worker_crashed")
-            )
-        return [MoleculeResult(energy, forces, reason) for energy, forces, reason in raw]
-
-    def close(self) -> None:
-        """Stop the worker processes (if any); a later call starts new ones."""
-        if self._pool is not None:
-            self._pool.close()
-
-    def __repr__(self) -> str:
-        return f"XTBForceField(num_workers={self.num_workers}, {self.config})"
+    def in_process(self) -> contextlib.AbstractContextManager:
+        return _one_openmp_thread()
 
 
 @contextlib.contextmanager
