@@ -1,6 +1,6 @@
 """Seconds per FED-GRPO iteration (rollout / reward / update) and sampling molecules/s.
 
-    python bench/fed_grpo.py                                   # default config (edm_small)
+    python bench/fed_grpo.py                                   # default config (edm_base)
     python bench/fed_grpo.py --layers 9 --hidden 256 --prompts 4 --group-size 24 --steps 1000 \
         --skip-prefix 600 --iterations 1                       # paper layout
     python bench/fed_grpo.py --layers 9 --hidden 256 --prompts 1 --group-size 24 --steps 50 \
@@ -65,7 +65,9 @@ def parse() -> argparse.Namespace:
 
 
 def overrides(a: argparse.Namespace) -> list[str]:
-    out = ["trainer.progress=false", "trainer.save_interval=1000000", "trainer.best_metric=null"]
+    # Random weights: speed does not depend on them, and a size override could not load the shipped ones.
+    out = ["trainer.progress=false", "trainer.save_interval=1000000", "trainer.best_metric=null",
+           "model.checkpoint=null"]
     pairs = {"model.dynamics.num_layers": a.layers, "model.dynamics.hidden_nf": a.hidden,
              "model.num_steps": a.steps, "model.skip_prefix": a.skip_prefix, "dataloader.group_size": a.group_size,
              "trainer.micro_batch_size": a.micro_batch, "trainer.step_chunk_size": a.step_chunk}

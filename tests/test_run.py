@@ -94,7 +94,7 @@ def test_cli_bad_value_exits_with_key_message(tmp_path):
     assert "trainer.lr_schedule.min_lr_ratio" in out.stderr
 
 
-SMALL = ["trainer.max_iterations=2", "model.num_steps=10", "trainer.progress=false"]
+SMALL = ["trainer.max_iterations=2", "model.num_steps=10", "model.skip_prefix=5", "trainer.progress=false"]
 
 
 def test_cli_job_writes_run_files(tmp_path):
@@ -150,3 +150,17 @@ def test_cli_prints_composed_config(tmp_path):
     cfg = OmegaConf.create(out.stdout)
     assert cfg.reward.force_field._target_ == "elign.forcefield.mmff.MMFFForceField"
     assert not (tmp_path / "outputs").exists(), "--cfg must not start a run"
+
+
+def test_default_job_starts_from_the_shipped_base_model():
+    import torch
+
+    from elign.edm.policy import resolve_package_path
+
+    cfg = compose_with()
+    assert cfg.model.checkpoint.startswith("package:elign/edm/weights/")
+    shipped = torch.load(resolve_package_path(cfg.model.checkpoint), weights_only=True)
+    policy = run_module.build(cfg, "model")
+    loaded = policy.module.state_dict()
+    assert shipped.keys() == loaded.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in shipped.items())

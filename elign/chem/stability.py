@@ -225,3 +225,27 @@ def check_stability(
         raise ValueError(f"{z.size} elements for {pos.shape[0]} positions")
     orders = None if bond_orders is None else _as_numpy(bond_orders)[None]
     return check_stability_batch(pos[None], z[None], None, orders, check_exists).molecule(0)
+
+
+def count_fragments(bond_orders: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Connected components of each molecule's inferred bond graph.
+
+    A diffusion sample can split into pieces (or shed single atoms) that each look chemically fine,
+    so validity of the largest fragment alone hides it; report this next to it.
+
+    Args:
+        bond_orders: ``[B, N, N]`` inferred bond orders (0 = no bond).
+        mask: ``[B, N]`` bool, real atoms.
+    Returns:
+        ``[B]`` int, fragments per molecule (0 for an empty one).
+    """
+    b, n = mask.shape
+    adjacency = (bond_orders > 0) & mask[:, :, None] & mask[:, None, :]
+    labels = np.broadcast_to(np.arange(n), (b, n)).copy()
+    for _ in range(n):  # min-label propagation: the diameter of a graph on n nodes is < n
+        neighbour_min = np.where(adjacency, labels[:, None, :], n).min(axis=2)
+        new = np.minimum(labels, neighbour_min)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    return ((labels == np.arange(n)) & mask).sum(axis=1)

@@ -4,6 +4,7 @@
     python -m elign.edm.cli sample   --model-config conf/model/edm_small.yaml --checkpoint base.pth --out samples.pt
     python -m elign.edm.cli evaluate --samples samples.pt --force-field xtb [--reference smiles.txt] --out eval.json
     python -m elign.edm.cli report   RUN [--samples samples.pt]       # curves.png and molecules.png in RUN
+    python -m elign.edm.cli export   --checkpoint RUN/checkpoint_best.pth --out base.pth   # weights only
 
 Samples are saved as tensors (positions Å, atomic numbers, node mask) with the seed and the
 checkpoint they came from, and load with ``torch.load(weights_only=True)``.
@@ -120,6 +121,17 @@ def cmd_report(a: argparse.Namespace) -> None:
         print(f"wrote {draw_molecules(torch.load(a.samples, weights_only=True), run / 'molecules.png')}")
 
 
+def cmd_export(a: argparse.Namespace) -> None:
+    from elign.edm.policy import extract_dynamics_state, resolve_package_path
+    from elign.engine.checkpoint import atomic_save
+
+    state = extract_dynamics_state(torch.load(resolve_package_path(a.checkpoint), map_location="cpu", weights_only=True))
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}  # no views into optimizer state
+    atomic_save(state, Path(a.out))
+    size = sum(v.numel() * v.element_size() for v in state.values())
+    print(f"wrote {len(state)} tensors ({size / 2**20:.1f} MiB) to {a.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m elign.edm.cli", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,8 +155,11 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("report", help="PNG curves of a run (and a grid of sampled molecules)")
     r.add_argument("run_dir", help="run directory")
     r.add_argument("--samples", help="samples file to draw")
+    x = sub.add_parser("export", help="dynamics weights only (the EMA ones if present) from a checkpoint")
+    x.add_argument("--checkpoint", required=True, help="trainer checkpoint or state dict")
+    x.add_argument("--out", required=True, help="output .pth (a plain state dict)")
     a = p.parse_args(argv)
-    {"sample": cmd_sample, "evaluate": cmd_evaluate, "report": cmd_report}[a.command](a)
+    {"sample": cmd_sample, "evaluate": cmd_evaluate, "report": cmd_report, "export": cmd_export}[a.command](a)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from elign.chem.metrics import load_reference_smiles, validity_uniqueness_novelty
 from elign.chem.rdkit_mol import smiles_batch
-from elign.chem.stability import check_stability_batch
+from elign.chem.stability import check_stability_batch, count_fragments
 from elign.edm.force_reward import QM9_ATOMIC_NUMBERS
 from elign.edm.prompts import QM9_NODE_COUNTS
 from elign.edm.reward_terms import aggregate_forces, formation_energy
@@ -52,6 +52,60 @@ def sample_molecules(policy: Any, num_samples: int, batch_size: int, seed: int,
     return out
 
 
+def score_samples(samples: Mapping[str, Tensor], force_field: ForceField | None = None,
+                  atom_refs_ev: Mapping[int, float] | None = None) -> dict[str, Any]:
+    """Per-molecule chemistry and physics of samples (the raw samples, never repaired).
+
+    Args:
+        samples: ``positions [S, N, 3]`` Å, ``atomic_numbers [S, N]``, ``node_mask [S, N]``.
+        force_field: backend for the physics columns; None = chemistry only.
+        atom_refs_ev: per-element energies: the energy is then a formation energy.
+
+    Returns:
+        ``smiles`` (list, None = invalid), ``molecule_stable [S]``, ``atom_stability`` (float, over all
+        atoms), ``fragments [S]`` (connected pieces of the inferred bond graph) and, with a force field, ``ff_ok [S]``, ``force_rms [S]`` eV/Å, ``energy_per_atom [S]`` eV.
+    """
+    pos = samples["positions"].double()
+    z, mask = samples["atomic_numbers"].long(), samples["node_mask"].bool()
+    z_np, mask_np = np.where(mask.numpy(), z.numpy(), 1), mask.numpy()
+    stab = check_stability_batch(pos.numpy(), z_np, mask_np)
+    out: dict[str, Any] = {"smiles": smiles_batch(pos.numpy(), z_np, mask_np, bond_orders=stab.bond_orders),
+                           "molecule_stable": torch.as_tensor(stab.molecule_stable, dtype=torch.bool),
+                           "atom_stability": float(stab.atom_stability),
+                           "fragments": torch.as_tensor(count_fragments(stab.bond_orders, mask_np))}
+    if force_field is not None:
+        res = force_field(pos, z, mask)
+        energy = formation_energy(res.energy, z, mask, dict(atom_refs_ev) if atom_refs_ev else None)
+        out.update(ff_ok=res.ok.bool(), force_rms=aggregate_forces(res.forces, mask, "rms", None),
+                   energy_per_atom=energy / mask.sum(1).clamp(min=1))
+    return out
+
+
+def summarize_scores(scores: Mapping[str, Any], reference: frozenset[str] | None = None) -> dict[str, float]:
+    """Sample-level metrics from :func:`score_samples`; physics means are over molecules the force
+    field evaluated (``ff_failed_frac`` says how many it could not)."""
+    chem = validity_uniqueness_novelty(scores["smiles"], reference)
+    stable = scores["molecule_stable"]
+    out = {"num_samples": float(len(scores["smiles"])), "molecule_stability": float(stable.double().mean()),
+           "atom_stability": scores["atom_stability"], "validity": chem["validity"],
+           "uniqueness": chem["uniqueness"], "validity_x_uniqueness": chem["validity"] * chem["uniqueness"]}
+    if "fragments" in scores:  # validity is of the largest fragment: say how often there is more than one
+        frags = scores["fragments"].double()
+        out.update(connected=float((frags == 1).double().mean()), fragments_per_molecule=float(frags.mean()))
+    if chem["novelty"] is not None:
+        out["novelty"] = chem["novelty"]
+    if "ff_ok" in scores:
+        ok, rms = scores["ff_ok"], scores["force_rms"]
+        nan = float("nan")
+        out.update({"force_rms_ev_per_angstrom": float(rms[ok].mean()) if ok.any() else nan,
+                    "force_rms_median_ev_per_angstrom": float(rms[ok].median()) if ok.any() else nan,
+                    "energy_per_atom_ev": float(scores["energy_per_atom"][ok].mean()) if ok.any() else nan,
+                    "ff_failed_frac": float((~ok).double().mean())})
+        if (stable & ok).any():
+            out["force_rms_stable_ev_per_angstrom"] = float(rms[stable & ok].mean())
+    return out
+
+
 def evaluate_samples(samples: Mapping[str, Tensor], force_field: ForceField | None = None,
                      reference: frozenset[str] | None = None, atom_refs_ev: Mapping[int, float] | None = None
                      ) -> dict[str, float]:
@@ -63,31 +117,7 @@ def evaluate_samples(samples: Mapping[str, Tensor], force_field: ForceField | No
         reference: training SMILES for novelty; None = skip.
         atom_refs_ev: per-element energies: the energy is then a formation energy per atom.
     """
-    pos = samples["positions"].double()
-    z, mask = samples["atomic_numbers"].long(), samples["node_mask"].bool()
-    z_np, mask_np = np.where(mask.numpy(), z.numpy(), 1), mask.numpy()
-    stab = check_stability_batch(pos.numpy(), z_np, mask_np)
-    smiles = smiles_batch(pos.numpy(), z_np, mask_np, bond_orders=stab.bond_orders)
-    chem = validity_uniqueness_novelty(smiles, reference)
-    out = {"num_samples": float(len(smiles)), "molecule_stability": float(stab.molecule_stability),
-           "atom_stability": float(stab.atom_stability), "validity": chem["validity"],
-           "uniqueness": chem["uniqueness"], "validity_x_uniqueness": chem["validity"] * chem["uniqueness"]}
-    if chem["novelty"] is not None:
-        out["novelty"] = chem["novelty"]
-    if force_field is not None:
-        res = force_field(pos, z, mask)
-        ok = res.ok
-        rms = aggregate_forces(res.forces, mask, "rms", None)
-        energy = formation_energy(res.energy, z, mask, dict(atom_refs_ev) if atom_refs_ev else None)
-        per_atom = energy / mask.sum(1).clamp(min=1)
-        out.update({"force_rms_ev_per_angstrom": float(rms[ok].mean()) if ok.any() else float("nan"),
-                    "force_rms_median_ev_per_angstrom": float(rms[ok].median()) if ok.any() else float("nan"),
-                    "energy_per_atom_ev": float(per_atom[ok].mean()) if ok.any() else float("nan"),
-                    "ff_failed_frac": float((~ok).double().mean())})
-        stable = torch.as_tensor(stab.molecule_stable) & ok
-        if stable.any():
-            out["force_rms_stable_ev_per_angstrom"] = float(rms[stable].mean())
-    return out
+    return summarize_scores(score_samples(samples, force_field, atom_refs_ev), reference)
 
 
 class SampleEvaluator:

@@ -3,8 +3,8 @@
 Channels (each ``[B]``, NaN where the force field failed for that molecule):
 
 - ``force``: ``-m`` with ``m`` the RMS (or max) atomic force in eV/Å (times the molecule's
-  stability flag if ``force_only_if_stable``), plus the stability bonus and minus the valence
-  penalties (these chemistry terms always apply).
+  stability flag if ``force_only_if_stable``), plus the stability bonus and minus the valence and
+  fragment penalties (these chemistry terms always apply).
 - ``energy`` (if ``use_energy``): ``-E~`` with ``E~ = (E_form [/ n] + offset) / scale`` and
   ``E_form = E - sum_a E_ref(Z_a)`` when atom references are given (times the stability flag if
   ``energy_only_if_stable``).
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from elign.chem.stability import check_stability_batch
+from elign.chem.stability import check_stability_batch, count_fragments
 from elign.edm.reward_terms import (
     FORCE_AGGREGATIONS,
     aggregate_forces,
@@ -64,6 +64,7 @@ class ForceFieldReward:
         soft_temperature_angstrom: float,
         force_only_if_stable: bool,
         energy_only_if_stable: bool,
+        fragment_weight: float = 0.0,
         shaping: PotentialShaping | None = None,
     ) -> None:
         """
@@ -83,6 +84,9 @@ class ForceFieldReward:
             soft_temperature_angstrom: sigmoid width of the soft bond orders.
             force_only_if_stable: multiply the pure force term by the stability flag.
             energy_only_if_stable: multiply the energy channel (and its potentials) by the flag.
+            fragment_weight: penalty per connected piece beyond the first. Pulling a molecule apart
+                lowers its forces, so without it a force reward can be gamed by fragmentation (seen
+                in a 30-iteration xTB run: 1.7 -> 2.6 pieces per molecule).
             shaping: score the predicted clean molecules along the trajectory; None = terminal only.
         """
         if force_aggregation not in FORCE_AGGREGATIONS:
@@ -93,6 +97,8 @@ class ForceFieldReward:
             raise ConfigError("energy_scale_ev", energy_scale_ev, "a number > 0")
         if energy_clip is not None and not energy_clip > 0:
             raise ConfigError("energy_clip", energy_clip, "a number > 0, or null")
+        if fragment_weight < 0:
+            raise ConfigError("fragment_weight", fragment_weight, "a number >= 0 (0 = off)")
         if not soft_temperature_angstrom > 0:
             raise ConfigError("soft_temperature_angstrom", soft_temperature_angstrom, "a number > 0")
         if shaping is not None and "energy" in shaping.channels and not use_energy:
@@ -107,6 +113,7 @@ class ForceFieldReward:
         self.w_under, self.w_over = float(underbond_weight), float(overbond_weight)
         self.w_soft_under, self.w_soft_over = float(soft_underbond_weight), float(soft_overbond_weight)
         self.soft_tau = float(soft_temperature_angstrom)
+        self.w_fragment = float(fragment_weight)
         self.force_only_if_stable, self.energy_only_if_stable = force_only_if_stable, energy_only_if_stable
         self.shaping = shaping
 
@@ -136,7 +143,9 @@ class ForceFieldReward:
         atom_stab = torch.as_tensor(stab.atom_stability_per_molecule, dtype=torch.float64)
         hard = torch.as_tensor(hard_valence_penalty(stab.valence, np.where(mask_np, z_np, 1), mask_np,
                                                     self.w_under, self.w_over))
-        chem_terms = self.w_stable * (2.0 * stable - 1.0) - self.w_atom * (1.0 - atom_stab) - hard
+        fragments = torch.as_tensor(count_fragments(stab.bond_orders, mask_np), dtype=torch.float64)
+        chem_terms = (self.w_stable * (2.0 * stable - 1.0) - self.w_atom * (1.0 - atom_stab) - hard
+                      - self.w_fragment * (fragments - 1.0).clamp(min=0.0))
         if self.w_soft_under or self.w_soft_over:
             soft_missing, soft_excess = soft_valence(pos_np, z_np, mask_np, self.soft_tau)
             chem_terms = chem_terms - torch.as_tensor(self.w_soft_under * soft_missing + self.w_soft_over * soft_excess)
@@ -151,6 +160,7 @@ class ForceFieldReward:
         metrics = {
             "rollout/molecule_stability": float(stable.mean()),
             "rollout/atom_stability": float(stab.atom_stability),
+            "rollout/fragments_per_molecule": float(fragments.mean()),
             "force_rms_ev_per_angstrom" if self.force_aggregation == "rms" else "force_max_ev_per_angstrom":
                 float(phys["force"].cpu()[ok].mean()) if ok.any() else float("nan"),
             "ff_ok_frac": float(ok.double().mean()),

@@ -49,7 +49,7 @@ class Trainer:
         max_iterations: int,
         micro_batch_size: int,
         step_chunk_size: int | None,
-        grad_accum_steps: int,
+        grad_accum_steps: int | None,
         inner_epochs: int,
         max_grad_norm: float | None,
         save_interval: int,
@@ -72,7 +72,8 @@ class Trainer:
             max_iterations: RL iterations (rollout + update) in the run.
             micro_batch_size: samples per forward/backward.
             step_chunk_size: steps per forward/backward (bounds activation memory); None = all.
-            grad_accum_steps: micro-batches per optimizer step.
+            grad_accum_steps: micro-batches per optimizer step; None = all of a rollout's (one
+                on-policy step per iteration, so the ratio is exactly 1 and nothing is clipped).
             inner_epochs: passes over each rollout (PPO epochs).
             max_grad_norm: global gradient-norm clip per optimizer step; None = off.
             save_interval: write checkpoint_latest.pth every this many iterations (and at the end).
@@ -85,7 +86,8 @@ class Trainer:
             eval_interval: run ``evaluator`` every this many iterations and at the end (0 = never).
         """
         for key, value, low in (("max_iterations", max_iterations, 1), ("micro_batch_size", micro_batch_size, 1),
-                                ("grad_accum_steps", grad_accum_steps, 1), ("inner_epochs", inner_epochs, 1),
+                                ("grad_accum_steps", 1 if grad_accum_steps is None else grad_accum_steps, 1),
+                                ("inner_epochs", inner_epochs, 1),
                                 ("save_interval", save_interval, 1)):
             if int(value) < low:
                 raise ConfigError(key, value, f"an integer >= {low}")
@@ -104,7 +106,8 @@ class Trainer:
         self.logger = logger or NullLogger()
         self.dist, self.run_dir, self.run_config = dist, Path(run_dir), run_config or {}
         self.max_iterations, self.micro_batch_size = int(max_iterations), int(micro_batch_size)
-        self.step_chunk_size, self.grad_accum_steps = step_chunk_size, int(grad_accum_steps)
+        self.step_chunk_size = step_chunk_size
+        self.grad_accum_steps = None if grad_accum_steps is None else int(grad_accum_steps)
         self.inner_epochs, self.max_grad_norm = int(inner_epochs), max_grad_norm
         self.resume, self.seed, self.progress = resume, int(seed), progress
         self.group_size = int(dataloader.group_size)
@@ -194,7 +197,7 @@ class Trainer:
         if self.supervised:
             return 1
         micro_batches = math.ceil(int(self.prompts.batch_size) / self.micro_batch_size)
-        return math.ceil(micro_batches / self.grad_accum_steps) * self.inner_epochs
+        return math.ceil(micro_batches / (self.grad_accum_steps or micro_batches)) * self.inner_epochs
 
     def _sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Under DDP, all-reduce gradients only on the last backward before an optimizer step."""
@@ -209,10 +212,11 @@ class Trainer:
         micro = torch.arange(rollout.batch_size, device=steps.device).split(self.micro_batch_size)
         sums: dict[str, float] = defaultdict(float)
         grad_norms: list[float] = []
+        accum = self.grad_accum_steps or len(micro)
         self.policy.module.train()
         for _ in range(self.inner_epochs):
-            for first in range(0, len(micro), self.grad_accum_steps):
-                group = micro[first:first + self.grad_accum_steps]
+            for first in range(0, len(micro), accum):
+                group = micro[first:first + accum]
                 denom = float(rollout.step_mask[torch.cat(group)].sum().clamp_min(1))
                 for i, index in enumerate(group):
                     sub, sub_adv = rollout.select(index), advantages[index]

@@ -81,3 +81,18 @@ def test_precomputed_bond_orders_are_used():
 def test_empty_molecule_is_stable_like_edm():
     r = check_stability(np.zeros((0, 3)), [])
     assert r.molecule_stable and r.num_atoms == 0 and r.atom_stability == 1.0
+
+
+def test_count_fragments_on_hand_built_graphs():
+    from elign.chem.stability import count_fragments
+
+    bonds = np.zeros((3, 5, 5), dtype=int)
+    for i, j in [(0, 1), (1, 2), (3, 4)]:  # molecule 0: a chain of three and a pair
+        bonds[0, i, j] = bonds[0, j, i] = 1
+    for i, j in [(0, 1), (1, 2), (2, 3), (3, 4)]:  # molecule 1: one chain of five
+        bonds[1, i, j] = bonds[1, j, i] = 2
+    mask = np.ones((3, 5), dtype=bool)
+    mask[2, 3:] = False  # molecule 2: three isolated atoms, two padding slots
+    assert count_fragments(bonds, mask).tolist() == [2, 1, 3]
+    mask[1, 2] = False  # a padded middle atom cuts the chain
+    assert count_fragments(bonds, mask)[1] == 2

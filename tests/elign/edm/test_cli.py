@@ -27,7 +27,19 @@ def test_sample_evaluate_report(tmp_path):
     out = tmp_path / "eval.json"
     main(["evaluate", "--samples", str(samples), "--force-field", "mmff", "--workers", "0", "--out", str(out)])
     metrics = json.loads(out.read_text())
-    for key in ("molecule_stability", "atom_stability", "validity", "uniqueness", "ff_failed_frac"):
+    for key in ("molecule_stability", "atom_stability", "validity", "uniqueness", "ff_failed_frac", "connected",
+                "fragments_per_molecule"):
         assert key in metrics
     main(["report", str(run), "--samples", str(samples)])
     assert (run / "curves.png").stat().st_size > 10_000 and (run / "molecules.png").stat().st_size > 5_000
+
+
+def test_export_keeps_the_ema_weights_only(tmp_path):
+    from elign.engine.checkpoint import atomic_save
+
+    model = {"w": torch.zeros(3, 2)}
+    ema = {"w": torch.arange(6.0).view(3, 2)}
+    atomic_save({"model": model, "ema": ema, "optimizer": {"state": {}}, "iteration": 7}, tmp_path / "ckpt.pth")
+    main(["export", "--checkpoint", str(tmp_path / "ckpt.pth"), "--out", str(tmp_path / "w.pth")])
+    state = torch.load(tmp_path / "w.pth", weights_only=True)
+    assert list(state) == ["w"] and torch.equal(state["w"], ema["w"])

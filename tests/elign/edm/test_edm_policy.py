@@ -222,6 +222,6 @@ def test_yaml_configs_instantiate() -> None:
     qm9_dyn = instantiate(qm9_cfg.dynamics)
     assert sum(p.numel() for p in qm9_dyn.parameters()) == 5_339_920  # spec: upstream trainable count
     prompts = instantiate(OmegaConf.load(ROOT / "conf/dataloader/qm9_nodes.yaml"))
-    assert prompts.group_size == 4 and next(prompts).shape == (2,)
+    assert prompts.group_size == 8 and next(prompts).shape == (2,)
     reward = instantiate(OmegaConf.load(ROOT / "conf/reward/compactness.yaml"))
     assert callable(reward)

@@ -108,6 +108,19 @@ def test_stability_bonus_gate_and_penalties_enter_force_channel():
     assert out.channels["energy"][1].item() == 0.0, "energy gated by stability"
 
 
+def test_fragment_penalty_counts_pieces_beyond_the_first():
+    pos, z = conformer("CCO")
+    apart = pos.copy()
+    apart[-1] += np.array([3.0, 0.0, 0.0])  # one H leaves: two pieces
+    apart[-2] += np.array([0.0, 3.0, 0.0])  # another H leaves: three pieces
+    out = reward(DummyForceField(energy=-1.0), fragment_weight=0.5)(make_rollout([(pos, z), (apart, z)]))
+    assert out.channels["force"][0].item() == 0.0
+    assert out.channels["force"][1].item() == pytest.approx(-0.5 * 2)
+    assert out.metrics["rollout/fragments_per_molecule"] == pytest.approx(2.0)
+    with pytest.raises(Exception, match="fragment_weight"):
+        reward(DummyForceField(energy=-1.0), fragment_weight=-1.0)
+
+
 def test_shaping_potentials_rise_as_the_prediction_relaxes(xtb):
     pos, z = conformer("CO")
     rollout = make_rollout([(pos, z), (pos, z)], num_steps=4, z0_pred=True)

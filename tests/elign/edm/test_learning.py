@@ -11,6 +11,7 @@ from elign.engine.distributed import DistInfo
 from tests.test_run import CONF
 
 OVERRIDES = [
+    "model=edm_small",
     "model.dynamics.num_layers=2", "model.dynamics.hidden_nf=32", "model.num_steps=10",
     "reward=compactness", "filter=none", "strategy.kl_coef=0", "strategy.clip_range=0.2",
     "dataloader.batch_size=16", "dataloader.group_size=4",

@@ -95,3 +95,12 @@ def test_bad_trainer_values_name_the_key(tmp_path):
         make_trainer(tmp_path, best_mode="largest")
     with pytest.raises(ConfigError, match="micro_batch_size"):
         make_trainer(tmp_path, micro_batch_size=0)
+
+
+def test_null_grad_accum_takes_one_on_policy_step_per_rollout(tmp_path):
+    trainer = make_trainer(tmp_path, max_iterations=3, grad_accum_steps=None)
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["optimizer_step"] for r in rows] == [1, 2, 3], "32 samples / micro-batch 8, all in one step"
+    # The single step sees the rollout's own parameters, so every ratio is exactly 1 and none is clipped.
+    assert all(r["train/clip_frac"] == 0.0 and r["train/ratio_mean"] == pytest.approx(1.0, abs=1e-6) for r in rows)
