@@ -1,7 +1,8 @@
 """Base vs post-trained EDM on the same fixed-seed samples: does FED-GRPO move the physics?
 
     python bench/evidence.py --train                      # post-train (experiment=elign_evidence), then compare
-    python bench/evidence.py --post outputs/evidence/checkpoint_latest.pth   # compare an existing run
+    python bench/evidence.py --post outputs/evidence      # a run's best checkpoint (else latest)
+    python bench/evidence.py --post outputs/evidence/checkpoint_latest.pth   # a given checkpoint
     python bench/evidence.py --post RUN --num 512 --seed 1 -- <extra run.py overrides for --train>
 
 Both models draw the same node counts and the same initial noise (one seed), so the comparison is
@@ -61,8 +62,12 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
 
 
 def post_checkpoint(path: str) -> str:
+    """A run directory's ``checkpoint_best.pth`` (chosen by its evaluator) if it has one, else latest."""
     p = Path(path)
-    return str(p / "checkpoint_latest.pth") if p.is_dir() else str(p)
+    if not p.is_dir():
+        return str(p)
+    best = p / "checkpoint_best.pth"
+    return str(best if best.is_file() else p / "checkpoint_latest.pth")
 
 
 def evaluate_model(label: str, a: argparse.Namespace, checkpoint: str, ff: Any) -> tuple[dict, dict]:
@@ -96,18 +101,23 @@ def table(base: dict, post: dict, meta: dict) -> tuple[str, dict[str, bool]]:
 
 
 def plot(base: dict, post: dict, out: Path) -> None:
+    """Per-molecule force RMS of both models on a log axis (a few exploded samples reach 100s of eV/Å)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     values = [s["force_rms"][s["ff_ok"]].numpy() for s in (base, post)]
-    top = float(max(v.max() for v in values if v.size)) if any(v.size for v in values) else 1.0
-    bins = torch.linspace(0, top, 40).numpy()
+    pooled = np.concatenate(values)
+    if pooled.size == 0:
+        raise ValueError("no molecule was evaluated by the force field: nothing to plot")
+    bins = np.geomspace(max(float(pooled.min()), 1e-2), max(float(pooled.max()), 1e-1), 40)
     for v, label in zip(values, ("base", "post-trained")):
-        ax.hist(v, bins=bins, alpha=0.55, label=f"{label} (mean {v.mean():.2f})")
-    ax.set_xlabel("xTB force RMS per molecule (eV/Å)")
+        ax.hist(v, bins=bins, alpha=0.55, label=f"{label} (mean {v.mean():.2f}, median {np.median(v):.2f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("xTB force RMS per molecule (eV/Å, log scale)")
     ax.set_ylabel("molecules")
     ax.legend()
     fig.tight_layout()
