@@ -104,3 +104,27 @@ def collate_qm9(items: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
         out[key] = torch.stack(rows)
     out["index"] = torch.stack([it["index"] for it in items])
     return out
+
+
+class QM9FileDataset(QM9Dataset):
+    """One split of the real QM9 (``dsgdb9nsd.xyz.tar.bz2`` or its directory), for configs.
+
+    Args:
+        path: the archive or directory.
+        exclude: ``uncharacterized.txt`` (EDM excludes these 3,054); None keeps all (not EDM's split).
+        split: ``train``, ``valid``, ``test`` or ``all``.
+        seed: split permutation seed (EDM: 0).
+        center, max_atoms, dtype: as for :class:`QM9Dataset`.
+    """
+
+    def __init__(self, path: str, exclude: str | None = None, split: str = "train", seed: int = 0,
+                 center: bool = True, max_atoms: int | None = None, dtype: torch.dtype = torch.float32) -> None:
+        from pathlib import Path
+
+        from elign.data.qm9 import load_qm9
+
+        if not Path(path).exists():
+            raise ConfigError("path", path, "an existing dsgdb9nsd.xyz.tar.bz2 archive or directory of .xyz files")
+        super().__init__(load_qm9(path, exclude=exclude, split=split, seed=seed), center=center,
+                         max_atoms=max_atoms, dtype=dtype)
+        self.split = split

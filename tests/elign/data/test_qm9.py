@@ -241,3 +241,17 @@ def test_dataset_and_collate(sources: tuple[Path, Path], molecules: list[dict]) 
     assert torch.equal(trimmed["positions"], collate_qm9([dataset[0], dataset[2]])["positions"])
     with pytest.raises(ConfigError, match="max_atoms"):
         QM9Dataset(mols, max_atoms=4)
+
+
+def test_real_qm9_dataloader_config_reads_the_archive(sources: tuple[Path, Path]) -> None:
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[3] / "conf/dataloader/qm9.yaml")
+    cfg.seed, cfg.batch_size, cfg.dataset.path, cfg.dataset.split = 0, 2, str(sources[0]), "all"
+    batches = instantiate(cfg)
+    batch = next(iter(batches))
+    assert batch["positions"].shape[0] == 2 and batch["node_mask"].any()
+    cfg.dataset.path = str(sources[0].with_name("missing.tar.bz2"))
+    with pytest.raises(Exception, match="path"):
+        instantiate(cfg)
