@@ -23,6 +23,9 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint gets a normal file's mode
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
