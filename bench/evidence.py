@@ -70,7 +70,8 @@ def post_checkpoint(path: str) -> str:
     return str(best if best.is_file() else p / "checkpoint_latest.pth")
 
 
-def evaluate_model(label: str, a: argparse.Namespace, checkpoint: str, ff: Any) -> tuple[dict, dict]:
+def evaluate_model(label: str, a: argparse.Namespace, checkpoint: str, ff: Any) -> tuple[dict, dict, int]:
+    """Metrics, per-molecule scores and T of one checkpoint's fixed-seed sample."""
     policy, _ = build_policy(None, a.model_config, checkpoint, a.num_steps)
     t0 = time.perf_counter()
     samples = sample_molecules(policy, a.num, a.batch_size, a.seed)
@@ -79,7 +80,7 @@ def evaluate_model(label: str, a: argparse.Namespace, checkpoint: str, ff: Any) 
     metrics = summarize_scores(scores)
     print(f"{label}: sampled {a.num} in {t1 - t0:.0f} s, scored in {time.perf_counter() - t1:.0f} s", flush=True)
     torch.save(samples, Path(a.out_dir) / f"samples_{label}.pt")
-    return metrics, scores
+    return metrics, scores, policy.num_steps
 
 
 def table(base: dict, post: dict, meta: dict) -> tuple[str, dict[str, bool]]:
@@ -141,12 +142,11 @@ def main() -> None:
     post_ckpt = post_checkpoint(a.post)
     ff = make_force_field("xtb", a.workers)
     try:
-        base_m, base_s = evaluate_model("base", a, a.base, ff)
-        post_m, post_s = evaluate_model("post", a, post_ckpt, ff)
+        base_m, base_s, num_steps = evaluate_model("base", a, a.base, ff)
+        post_m, post_s, _ = evaluate_model("post", a, post_ckpt, ff)
     finally:
         ff.close()
-    policy_steps = a.num_steps or int(__import__("omegaconf").OmegaConf.load(a.model_config).num_steps)
-    meta = {"num": a.num, "seed": a.seed, "num_steps": policy_steps, "base": a.base, "post": post_ckpt}
+    meta = {"num": a.num, "seed": a.seed, "num_steps": num_steps, "base": a.base, "post": post_ckpt}
     text, checks = table(base_m, post_m, meta)
     report = text + "\n\n" + "\n".join(f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items())
     (out_dir / "evidence.md").write_text(report + "\n")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from elign.data.qm9 import QM9Molecule
+from elign.data.qm9 import QM9Molecule, load_qm9
 from elign.engine.errors import ConfigError
 
 # Atom-type channels of EDM's QM9 model (dataset_info 'qm9_with_h' atom_encoder): H 0, C 1, N 2, O 3, F 4.
@@ -119,10 +120,6 @@ class QM9FileDataset(QM9Dataset):
 
     def __init__(self, path: str, exclude: str | None = None, split: str = "train", seed: int = 0,
                  center: bool = True, max_atoms: int | None = None, dtype: torch.dtype = torch.float32) -> None:
-        from pathlib import Path
-
-        from elign.data.qm9 import load_qm9
-
         if not Path(path).exists():
             raise ConfigError("path", path, "an existing dsgdb9nsd.xyz.tar.bz2 archive or directory of .xyz files")
         super().__init__(load_qm9(path, exclude=exclude, split=split, seed=seed), center=center,

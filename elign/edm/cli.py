@@ -126,7 +126,7 @@ def cmd_export(a: argparse.Namespace) -> None:
     from elign.engine.checkpoint import atomic_save
 
     state = extract_dynamics_state(torch.load(resolve_package_path(a.checkpoint), map_location="cpu", weights_only=True))
-    state = {k: v.detach().clone().contiguous() for k, v in state.items()}  # no views into optimizer state
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}  # own storages: the file holds these tensors only
     atomic_save(state, Path(a.out))
     size = sum(v.numel() * v.element_size() for v in state.values())
     print(f"wrote {len(state)} tensors ({size / 2**20:.1f} MiB) to {a.out}")

@@ -63,7 +63,8 @@ def score_samples(samples: Mapping[str, Tensor], force_field: ForceField | None 
 
     Returns:
         ``smiles`` (list, None = invalid), ``molecule_stable [S]``, ``atom_stability`` (float, over all
-        atoms), ``fragments [S]`` (connected pieces of the inferred bond graph) and, with a force field, ``ff_ok [S]``, ``force_rms [S]`` eV/Å, ``energy_per_atom [S]`` eV.
+        atoms), ``fragments [S]`` (connected pieces of the inferred bond graph) and, with a force
+        field, ``ff_ok [S]``, ``force_rms [S]`` eV/Å, ``energy_per_atom [S]`` eV.
     """
     pos = samples["positions"].double()
     z, mask = samples["atomic_numbers"].long(), samples["node_mask"].bool()
