@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 from collections import defaultdict
@@ -22,6 +23,7 @@ from elign.engine.metrics import MetricsWriter, NullLogger, PhaseTimer
 from elign.engine.rollout import Filter, IdentityFilter, Policy, PromptSource, Reward, Rollout
 
 BEST_MODES = ("max", "min")
+OLD_LOGP = ("rollout", "recompute")
 
 
 def seed_iteration(seed: int, iteration: int, rank: int) -> None:
@@ -60,6 +62,7 @@ class Trainer:
         progress: bool,
         ema_decay: float = 0.0,
         eval_interval: int = 0,
+        old_logp: str = "recompute",
         filter: Filter | None = None,
         logger: Any = None,
         evaluator: Callable[[Any], dict[str, float]] | None = None,
@@ -84,6 +87,11 @@ class Trainer:
             progress: show a tqdm bar on rank 0.
             ema_decay: keep an exponential moving average of the weights (0 = off; EDM used 0.9999).
             eval_interval: run ``evaluator`` every this many iterations and at the end (0 = never).
+            old_logp: PPO's behaviour log-probs. "rollout": those recorded while sampling.
+                "recompute": those of the training forward before the update, so ratios are exact
+                when sampling and training round differently (bfloat16 compute). Free when an
+                iteration takes one optimizer step (the detached log-probs of the same forward),
+                else one extra no-grad pass.
         """
         for key, value, low in (("max_iterations", max_iterations, 1), ("micro_batch_size", micro_batch_size, 1),
                                 ("grad_accum_steps", 1 if grad_accum_steps is None else grad_accum_steps, 1),
@@ -101,6 +109,8 @@ class Trainer:
             raise ConfigError("ema_decay", ema_decay, "0 (off) or a number in (0, 1)")
         if eval_interval < 0:
             raise ConfigError("eval_interval", eval_interval, "an integer >= 0 (0 = never)")
+        if old_logp not in OLD_LOGP:
+            raise ConfigError("old_logp", old_logp, OLD_LOGP)
         self.policy, self.strategy, self.reward, self.prompts = policy, strategy, reward, dataloader
         self.filter = filter or IdentityFilter()
         self.logger = logger or NullLogger()
@@ -113,6 +123,7 @@ class Trainer:
         self.group_size = int(dataloader.group_size)
         self.supervised = getattr(strategy, "kind", "rl") == "supervised"
         self.evaluator, self.eval_interval = evaluator, int(eval_interval)
+        self.old_logp = old_logp
 
         self.params = [p for p in policy.module.parameters() if p.requires_grad]
         self.optimizer = optimizer(self.params)
@@ -214,6 +225,11 @@ class Trainer:
         grad_norms: list[float] = []
         accum = self.grad_accum_steps or len(micro)
         self.policy.module.train()
+        # With one optimizer step per iteration, every forward below runs at the sampling weights.
+        single_step = self._optimizer_steps_per_iteration() == 1
+        same_forward = self.old_logp == "recompute" and single_step
+        if self.old_logp == "recompute" and not single_step:
+            rollout = self._recompute_logp(rollout, micro, chunks, sums)
         for _ in range(self.inner_epochs):
             for first in range(0, len(micro), accum):
                 group = micro[first:first + accum]
@@ -223,18 +239,51 @@ class Trainer:
                     for j, cols in enumerate(chunks):
                         with self._sync(i == len(group) - 1 and j == len(chunks) - 1):
                             logp, kl = self.policy.log_prob(sub, cols, with_kl=self.strategy.uses_kl)
-                            loss, stats = self.strategy.loss(logp, sub.logp_old[:, cols], sub_adv[:, cols],
+                            old = sub.logp_old[:, cols]
+                            if single_step:
+                                self._add_drift(sums, logp.detach(), old, sub.step_mask[:, cols])
+                            if same_forward:
+                                old = logp.detach()
+                            loss, stats = self.strategy.loss(logp, old, sub_adv[:, cols],
                                                              sub.step_mask[:, cols], kl, denom)
                             loss.backward()
                         for key, value in stats.items():
                             sums[key] += float(value)
                 grad_norms.append(self._optimizer_step())
         count = max(sums.pop("count", 0.0), 1.0)
+        drift_count = sums.pop("drift_count", 0.0)
+        drift = sums.pop("drift_sum", 0.0) / max(drift_count, 1.0)
         out = {f"train/{k if k != 'clipped' else 'clip_frac'}": v / count for k, v in sums.items()}
         out["train/ratio_mean"] = out.pop("train/ratio", float("nan"))
         out["train/grad_norm"] = float(np.mean(grad_norms))
         out["train/lr"] = self.scheduler.get_last_lr()[0]
+        if drift_count:
+            out["train/logp_drift"] = drift
         return out
+
+    @staticmethod
+    def _add_drift(sums: dict[str, float], logp: torch.Tensor, recorded: torch.Tensor, mask: torch.Tensor) -> None:
+        """Accumulate ``|logp - recorded|`` over trained steps at the sampling weights
+        (``train/logp_drift``: how far the sampler's numerics are from the training forward's)."""
+        sums["drift_sum"] += float(((logp - recorded).abs() * mask).sum())
+        sums["drift_count"] += float(mask.sum())
+
+    def _recompute_logp(
+        self, rollout: Rollout, micro: tuple[torch.Tensor, ...], chunks: tuple[torch.Tensor, ...],
+        sums: dict[str, float],
+    ) -> Rollout:
+        """The rollout with ``logp_old`` replaced by the training forward's at the current weights,
+        over the same micro-batches and step chunks as the update (same shapes, same rounding).
+        Autograd stays on (each graph is dropped at once) so a policy runs the kernels it trains
+        with, not its no-grad fast paths, which may round differently."""
+        logp_old = rollout.logp_old.clone()
+        for index in micro:
+            sub = rollout.select(index)
+            for cols in chunks:
+                logp = self.policy.log_prob(sub, cols, with_kl=False)[0].detach()
+                self._add_drift(sums, logp, sub.logp_old[:, cols], sub.step_mask[:, cols])
+                logp_old[index[:, None], cols[None, :]] = logp
+        return dataclasses.replace(rollout, logp_old=logp_old)
 
     def _optimizer_step(self) -> float:
         if self.max_grad_norm is not None:

