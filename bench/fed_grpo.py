@@ -5,6 +5,7 @@
         --skip-prefix 600 --iterations 1                       # paper layout
     python bench/fed_grpo.py --layers 9 --hidden 256 --prompts 1 --group-size 24 --steps 50 \
         --atoms 19 --sample-only                               # the upstream sampling reference
+    python bench/fed_grpo.py ... model.dynamics.compute_dtype=bfloat16   # bf16 edge compute
 
 Random weights (speed does not depend on them). The whole run goes through the real Trainer and
 the configs in conf/, so the figures are those of `python run.py` with the same overrides.

@@ -37,10 +37,12 @@ def build_policy(run_dir: str | None, model_config: str | None, checkpoint: str 
             checkpoint = str(best if best.is_file() else latest)
     elif model_config is not None:
         cfg = OmegaConf.load(model_config)
+        if checkpoint is None:
+            checkpoint = cfg.get("checkpoint")  # e.g. the shipped weights of conf/model/edm_base.yaml
     else:
         raise SystemExit("give --run-dir or --model-config")
     if checkpoint is None:
-        raise SystemExit("give --checkpoint (no run directory to find one in)")
+        raise SystemExit("give --checkpoint (no run directory to find one in, and the model config names none)")
     cfg.checkpoint = str(checkpoint)
     if num_steps is not None:
         cfg.num_steps = num_steps

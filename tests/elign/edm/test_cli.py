@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -43,3 +44,17 @@ def test_export_keeps_the_ema_weights_only(tmp_path):
     main(["export", "--checkpoint", str(tmp_path / "ckpt.pth"), "--out", str(tmp_path / "w.pth")])
     state = torch.load(tmp_path / "w.pth", weights_only=True)
     assert list(state) == ["w"] and torch.equal(state["w"], ema["w"])
+
+
+def test_sample_from_a_model_config_uses_the_weights_it_names(tmp_path):
+    from tests.test_run import CONF
+
+    out = tmp_path / "s.pt"
+    main(["sample", "--model-config", str(CONF / "model" / "edm_base.yaml"), "--num", "2",
+          "--out", str(out)])
+    assert torch.load(out, weights_only=True)["checkpoint"] == "package:elign/edm/weights/edm_base.pth"
+    bare = OmegaConf.load(CONF / "model" / "edm_base.yaml")
+    bare.checkpoint = None
+    OmegaConf.save(bare, tmp_path / "bare.yaml")
+    with pytest.raises(SystemExit, match="--checkpoint"):
+        main(["sample", "--model-config", str(tmp_path / "bare.yaml"), "--num", "2", "--out", str(out)])
