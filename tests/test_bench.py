@@ -47,3 +47,16 @@ def test_evidence_script_compares_two_checkpoints(tmp_path):
     assert (tmp_path / "ev/force_rms.png").stat().st_size > 1000
     samples = torch.load(tmp_path / "ev/samples_base.pt", weights_only=True)
     assert samples["positions"].shape[0] == 6
+
+
+def test_precision_bench_prints_float32_identity_and_bf16_cosines():
+    out = subprocess.run([sys.executable, str(ROOT / "bench/precision.py"), "--ks", "0,50", "model=edm_small",
+                          "model.dynamics.num_layers=2", "model.dynamics.hidden_nf=16", "model.checkpoint=null"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    cosines = {int(line.split("= ")[1].split(":")[0]): float(line.split("cosine ")[1].split(",")[0])
+               for line in lines if line.startswith("bfloat16")}
+    assert set(cosines) == {0, 50}
+    assert cosines[50] == 1.0, "every step in full precision: exactly the float32 gradient"
+    assert cosines[0] < 1.0

@@ -148,10 +148,8 @@ class GCL(nn.Module):
         edges_in_d: int,
         attention: bool,
         normalization_factor: float,
-        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.compute_dtype = compute_dtype
         self.attention = attention
         self.normalization_factor = normalization_factor
         self.edge_mlp = nn.Sequential(
@@ -161,9 +159,12 @@ class GCL(nn.Module):
         if attention:
             self.att_mlp = nn.Sequential(nn.Linear(hidden_nf, 1), nn.Sigmoid())
 
-    def forward(self, h: Tensor, row: Tensor, col: Tensor, edge_attr: Tensor) -> Tensor:
-        """``h`` ``[V, nf]``, ``row``/``col`` ``[E]``, ``edge_attr`` ``[E, 2]`` -> new ``h`` ``[V, nf]``."""
-        pre = _split_first_linear(self.edge_mlp[0], h, row, col, edge_attr, self.compute_dtype)
+    def forward(
+        self, h: Tensor, row: Tensor, col: Tensor, edge_attr: Tensor, dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """``h`` ``[V, nf]``, ``row``/``col`` ``[E]``, ``edge_attr`` ``[E, 2]`` -> new ``h`` ``[V, nf]``;
+        per-edge work in ``dtype`` (``h``'s if None)."""
+        pre = _split_first_linear(self.edge_mlp[0], h, row, col, edge_attr, dtype)
         mij = _linear_silu(self.edge_mlp[2], _silu(pre))
         gate = torch.sigmoid(_linear(self.att_mlp[0], mij)) if self.attention else None
         agg = _gated_sum(mij, gate, row, h.shape[0]).to(h.dtype)
@@ -183,10 +184,8 @@ class EquivariantUpdate(nn.Module):
         tanh: bool,
         coords_range: float,
         normalization_factor: float,
-        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.compute_dtype = compute_dtype
         self.tanh = tanh
         self.coords_range = coords_range
         self.normalization_factor = normalization_factor
@@ -202,11 +201,12 @@ class EquivariantUpdate(nn.Module):
         )
 
     def forward(
-        self, h: Tensor, x: Tensor, row: Tensor, col: Tensor, coord_diff: Tensor, edge_attr: Tensor
+        self, h: Tensor, x: Tensor, row: Tensor, col: Tensor, coord_diff: Tensor, edge_attr: Tensor,
+        dtype: torch.dtype | None = None,
     ) -> Tensor:
         """``h`` ``[V, nf]``, ``x`` ``[V, 3]``, ``coord_diff`` ``[E, 3]``, ``edge_attr`` ``[E, 2]``
-        -> ``x`` ``[V, 3]``."""
-        pre = _split_first_linear(self.coord_mlp[0], h, row, col, edge_attr, self.compute_dtype)
+        -> ``x`` ``[V, 3]``; per-edge work in ``dtype`` (``h``'s if None)."""
+        pre = _split_first_linear(self.coord_mlp[0], h, row, col, edge_attr, dtype)
         scale = _linear(self.coord_mlp[4], _linear_silu(self.coord_mlp[2], _silu(pre))).to(x.dtype)
         if self.tanh:
             scale = torch.tanh(scale) * self.coords_range
@@ -228,25 +228,26 @@ class EquivariantBlock(nn.Module):
         coords_range: float,
         norm_constant: float,
         normalization_factor: float,
-        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.inv_sublayers = inv_sublayers
         self.norm_constant = norm_constant
         for i in range(inv_sublayers):
-            self.add_module(f"gcl_{i}", GCL(hidden_nf, 2, attention, normalization_factor, compute_dtype))
-        self.gcl_equiv = EquivariantUpdate(hidden_nf, 2, tanh, coords_range, normalization_factor, compute_dtype)
+            self.add_module(f"gcl_{i}", GCL(hidden_nf, 2, attention, normalization_factor))
+        self.gcl_equiv = EquivariantUpdate(hidden_nf, 2, tanh, coords_range, normalization_factor)
 
-    def forward(self, h: Tensor, x: Tensor, row: Tensor, col: Tensor, d2_input: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, h: Tensor, x: Tensor, row: Tensor, col: Tensor, d2_input: Tensor, dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``h`` ``[V, nf]``, ``x`` ``[V, 3]``, ``d2_input`` ``[E, 1]`` (squared distances at the network
-        input) -> ``(h, x)``."""
+        input) -> ``(h, x)``; per-edge work in ``dtype`` (``h``'s if None)."""
         diff = x.index_select(0, row) - x.index_select(0, col)
         d2 = (diff * diff).sum(dim=1, keepdim=True)
         coord_diff = diff / (torch.sqrt(d2 + 1e-8) + self.norm_constant)
         edge_attr = torch.cat([d2, d2_input], dim=1)
         for i in range(self.inv_sublayers):
-            h = self._modules[f"gcl_{i}"](h, row, col, edge_attr)
-        x = self.gcl_equiv(h, x, row, col, coord_diff, edge_attr)
+            h = self._modules[f"gcl_{i}"](h, row, col, edge_attr, dtype)
+        x = self.gcl_equiv(h, x, row, col, coord_diff, edge_attr, dtype)
         return h, x
 
 
@@ -265,7 +266,6 @@ class EGNN(nn.Module):
         norm_constant: float,
         normalization_factor: float,
         gradient_checkpointing: bool = False,
-        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.num_layers = num_layers
@@ -275,13 +275,15 @@ class EGNN(nn.Module):
         for i in range(num_layers):
             # Upstream computes coords_range / n_layers but passes the full range to every block.
             block = EquivariantBlock(
-                hidden_nf, inv_sublayers, attention, tanh, coords_range, norm_constant, normalization_factor,
-                compute_dtype,
+                hidden_nf, inv_sublayers, attention, tanh, coords_range, norm_constant, normalization_factor
             )
             self.add_module(f"e_block_{i}", block)
 
-    def forward(self, h: Tensor, x: Tensor, row: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
-        """``h`` ``[V, in_nf]``, ``x`` ``[V, 3]`` -> ``(h_out [V, in_nf], x_out [V, 3])``."""
+    def forward(
+        self, h: Tensor, x: Tensor, row: Tensor, col: Tensor, dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``h`` ``[V, in_nf]``, ``x`` ``[V, 3]`` -> ``(h_out [V, in_nf], x_out [V, 3])``; per-edge work
+        in ``dtype`` (the parameters' if None)."""
         diff = x.index_select(0, row) - x.index_select(0, col)
         d2_input = (diff * diff).sum(dim=1, keepdim=True)
         h = self.embedding(h)
@@ -291,9 +293,9 @@ class EGNN(nn.Module):
             if recompute:
                 # Keeps only the [V, nf] block inputs; the [E, nf] edge activations are recomputed
                 # in backward (one extra forward) instead of being stored for every block.
-                h, x = checkpoint(block, h, x, row, col, d2_input, use_reentrant=False)
+                h, x = checkpoint(block, h, x, row, col, d2_input, dtype, use_reentrant=False)
             else:
-                h, x = block(h, x, row, col, d2_input)
+                h, x = block(h, x, row, col, d2_input, dtype)
         return self.embedding_out(h), x
 
 
@@ -356,30 +358,47 @@ class EGNNDynamics(nn.Module):
             norm_constant=float(norm_constant),
             normalization_factor=float(normalization_factor),
             gradient_checkpointing=bool(gradient_checkpointing),
-            compute_dtype=COMPUTE_DTYPES[compute_dtype],
         )
+        self.compute_dtype = COMPUTE_DTYPES[compute_dtype]
 
-    def forward(self, z: Tensor, t: Tensor, node_mask: Tensor) -> Tensor:
+    def forward(self, z: Tensor, t: Tensor, node_mask: Tensor, full_precision: bool | Tensor = False) -> Tensor:
         """Predicted noise.
 
         Args:
             z: ``[M, N, 3 + F]`` latents ``[x, one_hot / 4, Z / 10]``.
             t: ``[M]`` (or scalar) continuous time in ``[0, 1]``.
             node_mask: ``[M, N]`` bool.
+            full_precision: ignore ``compute_dtype`` (the parameters' dtype throughout), for the whole
+                call or per molecule (``[M]`` bool; the two sets then run as two sub-batches).
         Returns:
             ``[M, N, 3 + F]``: ``eps_x`` (masked, zero CoM) and ``eps_h``; zero on padding.
         """
         m, n, c = z.shape
         if c != N_POS + self.in_node_nf:
             raise ValueError(f"z has {c} channels, expected 3 + in_node_nf = {N_POS + self.in_node_nf}")
+        t = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(-1).expand(m)
         node_mask = node_mask.bool()
+        if not isinstance(full_precision, Tensor):
+            return self._predict(z, t, node_mask, None if full_precision else self.compute_dtype)
+        if self.compute_dtype is None or not bool(full_precision.any()):
+            return self._predict(z, t, node_mask, self.compute_dtype)
+        if bool(full_precision.all()):
+            return self._predict(z, t, node_mask, None)
+        out = torch.zeros_like(z)
+        for keep, dtype in ((~full_precision, self.compute_dtype), (full_precision, None)):
+            index = keep.nonzero().squeeze(1)
+            out = out.index_copy(0, index, self._predict(z[index], t[index], node_mask[index], dtype))
+        return out
+
+    def _predict(self, z: Tensor, t: Tensor, node_mask: Tensor, dtype: torch.dtype | None) -> Tensor:
+        """:meth:`forward` for ``t`` ``[M]``, a bool mask and one per-edge ``dtype``."""
+        m, n, c = z.shape
         nodes, row, col = valid_edges(node_mask)
         zv = z.reshape(m * n, c).index_select(0, nodes)
         x, h = zv[:, :N_POS], zv[:, N_POS:]
         if self.condition_time:
-            t = torch.as_tensor(t, dtype=z.dtype, device=z.device).reshape(-1).expand(m)
             h = torch.cat([h, t.index_select(0, nodes // n).unsqueeze(1)], dim=1)
-        h_out, x_out = self.egnn(h, x, row, col)
+        h_out, x_out = self.egnn(h, x, row, col, dtype)
         out = torch.cat([x_out - x, h_out[:, : self.in_node_nf]], dim=1)
         dense = z.new_zeros(m * n, c).index_copy(0, nodes, out).view(m, n, c)
         # Zero only the bad entries (ELIGN); must precede the CoM removal, which would spread a NaN.

@@ -86,6 +86,11 @@ class EDMPolicy:
         rollout_batch_size: molecules per sampling chunk (a multiple of the group size, so a chunk
             never splits a group); None samples the whole batch at once.
         record_z0_pred: store the clean-sample prediction of every step in payload ``z0_pred``.
+        full_precision_steps: the last ``k`` reverse steps (and the decode) ignore the dynamics'
+            ``compute_dtype``. The last step's std is so small that bfloat16 rounding of the mean
+            becomes log-prob gradient noise, and that step carries most of the gradient norm: on
+            the shipped model the bf16 policy gradient has cosine 0.88-0.92 to the float32 one with
+            ``k = 0`` and 1.0000 with ``k = 1``.
         checkpoint: path of starting weights for ``dynamics`` (a dynamics state dict or a trainer
             checkpoint with key ``model``); None keeps the constructed weights.
     """
@@ -100,6 +105,7 @@ class EDMPolicy:
         rollout_batch_size: int | None = None,
         record_z0_pred: bool = False,
         checkpoint: str | None = None,
+        full_precision_steps: int = 1,
     ) -> None:
         steps = schedule.steps
         if int(num_steps) < 1 or steps % int(num_steps) != 0:
@@ -112,6 +118,9 @@ class EDMPolicy:
             raise ConfigError("skip_prefix", skip_prefix, "0 unless share_initial_noise is true")
         if rollout_batch_size is not None and int(rollout_batch_size) < 1:
             raise ConfigError("rollout_batch_size", rollout_batch_size, "null or a positive multiple of the group size")
+        if not 0 <= int(full_precision_steps) <= self.num_steps:
+            raise ConfigError("full_precision_steps", full_precision_steps, f"an integer in [0, num_steps = {self.num_steps}]")
+        self.full_precision_steps = int(full_precision_steps)
         self.share_initial_noise = bool(share_initial_noise)
         self.skip_prefix = int(skip_prefix)
         self.rollout_batch_size = None if rollout_batch_size is None else int(rollout_batch_size)
@@ -211,13 +220,14 @@ class EDMPolicy:
         z_s = self._recentre(latents[:, steps + 1].reshape(b * t, n, c), mask_f)
         time_t, time_s = (x.unsqueeze(0).expand(b, t).reshape(-1) for x in self._times(steps))
         gamma_t, gamma_s = self.schedule.gamma(time_t), self.schedule.gamma(time_s)
-        eps = self._forward(z_t, time_t.to(z_t.dtype), mask_f)
+        full = self._full_precision(steps.unsqueeze(0).expand(b, t).reshape(-1))
+        eps = self._forward(z_t, time_t.to(z_t.dtype), mask_f, full)
         mean, sigma = reverse_step(z_t, eps, gamma_t, gamma_s)
         logp = gaussian_log_prob(z_s, mean, sigma, mask_f).view(b, t)
         if not with_kl:
             return logp, None
         with torch.no_grad():
-            eps_ref = self.reference(z_t, time_t.to(z_t.dtype), mask_f)
+            eps_ref = self.reference(z_t, time_t.to(z_t.dtype), mask_f, full)
             mean_ref, _ = reverse_step(z_t, eps_ref, gamma_t, gamma_s)
         kl = gaussian_kl_same_sigma(mean, mean_ref, sigma, mask_f).view(b, t)
         return logp, kl
@@ -244,6 +254,10 @@ class EDMPolicy:
         s_index = (self.num_steps - 1 - columns).to(torch.float64)
         return (s_index + 1.0) / self.num_steps, s_index / self.num_steps
 
+    def _full_precision(self, columns: Tensor | int) -> Tensor | bool:
+        """Which trajectory columns (``[n]`` or one) run in full precision: the last ``k``."""
+        return columns >= self.num_steps - self.full_precision_steps
+
     @staticmethod
     def _recentre(z: Tensor, mask: Tensor) -> Tensor:
         return torch.cat([remove_com(z[..., :N_POS], mask), z[..., N_POS:]], dim=-1)
@@ -260,7 +274,7 @@ class EDMPolicy:
             t_cont, s_cont = self._times(torch.tensor([j], device=z.device))
             time_t, time_s = t_cont.expand(m), s_cont.expand(m)
             gamma_t, gamma_s = self.schedule.gamma(time_t), self.schedule.gamma(time_s)
-            eps = self.module(z, time_t.to(z.dtype), mask)
+            eps = self.module(z, time_t.to(z.dtype), mask, self._full_precision(j))
             mean, sigma = reverse_step(z, eps, gamma_t, gamma_s)
             if self.record_z0_pred:
                 preds.append(predict_clean(z, eps, gamma_t))
@@ -305,7 +319,7 @@ class EDMPolicy:
         m = z0.shape[0]
         time0 = torch.zeros(m, dtype=torch.float64, device=z0.device)
         gamma0 = self.schedule.gamma(time0)
-        eps = self.module(z0, time0.to(z0.dtype), mask)
+        eps = self.module(z0, time0.to(z0.dtype), mask, self.full_precision_steps > 0)
         mean = predict_clean(z0, eps, gamma0)
         sigma = torch.exp(0.5 * gamma0.double()).to(z0.dtype)
         xh = sample_step(mean, sigma, mask)

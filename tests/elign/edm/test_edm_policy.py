@@ -28,9 +28,9 @@ class Denoiser(EGNNDynamics):
     ``z_t / alpha_{t|s}``), where float32 round-off dominates every log-prob; a trained model keeps
     them O(1), and so does this one."""
 
-    def forward(self, z: Tensor, t: Tensor, node_mask: Tensor) -> Tensor:
+    def forward(self, z: Tensor, t: Tensor, node_mask: Tensor, full_precision: bool | Tensor = False) -> Tensor:
         sigma = torch.sigmoid(SCHEDULE.gamma(t)).sqrt().to(z.dtype).view(-1, 1, 1)
-        return 0.1 * super().forward(z, t, node_mask) + z / sigma
+        return 0.1 * super().forward(z, t, node_mask, full_precision) + z / sigma
 
 
 def _policy(denoiser: bool = True, **kwargs) -> EDMPolicy:

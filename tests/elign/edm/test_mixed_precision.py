@@ -60,3 +60,42 @@ def test_bad_compute_dtype_is_a_config_error(value):
         cfg = compose("config", overrides=OVERRIDES + [f"model.dynamics.compute_dtype={value}"])
     with pytest.raises(ConfigError, match=r"model\.dynamics\.compute_dtype=.*allowed: float32, bfloat16"):
         run_module.build(cfg, "model")
+
+
+def _policy(compute_dtype: str, full_precision_steps: int, num_steps: int = 10):
+    from elign.edm.egnn import EGNNDynamics
+    from elign.edm.policy import EDMPolicy
+    from elign.edm.schedule import PolynomialSchedule
+
+    torch.manual_seed(0)
+    dyn = EGNNDynamics(hidden_nf=32, num_layers=2, compute_dtype=compute_dtype)
+    return EDMPolicy(dyn, PolynomialSchedule(), num_steps=num_steps, full_precision_steps=full_precision_steps)
+
+
+def test_full_precision_steps_run_exactly_as_float32():
+    # k = T: every step ignores bfloat16, so sampling and log-probs are bitwise those of float32.
+    full, bf16_all = _policy("float32", 0), _policy("bfloat16", 10)
+    rollouts = []
+    for policy in (full, bf16_all):
+        torch.manual_seed(5)
+        rollouts.append(policy.rollout(torch.tensor([6, 9]), 2))
+    assert torch.equal(rollouts[0].payload["latents"], rollouts[1].payload["latents"])
+    cols = torch.arange(10)
+    assert torch.equal(full.log_prob(rollouts[0], cols, False)[0], bf16_all.log_prob(rollouts[0], cols, False)[0])
+
+
+def test_only_the_last_steps_run_in_full_precision():
+    full, mixed = _policy("float32", 0), _policy("bfloat16", 2)
+    torch.manual_seed(5)
+    rollout = full.rollout(torch.tensor([6, 9]), 2)
+    cols = torch.arange(6, 10)  # one call spanning both precisions: split per molecule inside the module
+    a, b = full.log_prob(rollout, cols, False)[0].detach(), mixed.log_prob(rollout, cols, False)[0]
+    assert torch.equal(a[:, 2:], b[:, 2:].detach()), "the last two columns are float32"
+    assert not torch.equal(a[:, :2], b[:, :2].detach()), "the earlier ones are bfloat16"
+    b.sum().backward()  # the split forward is differentiable
+    assert all(p.grad is not None for p in mixed.module.parameters())
+
+
+def test_full_precision_steps_out_of_range_names_the_key():
+    with pytest.raises(ConfigError, match="full_precision_steps"):
+        _policy("bfloat16", 11)
