@@ -277,12 +277,13 @@ class Trainer:
         Autograd stays on (each graph is dropped at once) so a policy runs the kernels it trains
         with, not its no-grad fast paths, which may round differently."""
         logp_old = rollout.logp_old.clone()
-        for index in micro:
-            sub = rollout.select(index)
-            for cols in chunks:
-                logp = self.policy.log_prob(sub, cols, with_kl=False)[0].detach()
-                self._add_drift(sums, logp, sub.logp_old[:, cols], sub.step_mask[:, cols])
-                logp_old[index[:, None], cols[None, :]] = logp
+        with self._sync(False):  # no backward follows: skip DDP's per-forward reducer set-up
+            for index in micro:
+                sub = rollout.select(index)
+                for cols in chunks:
+                    logp = self.policy.log_prob(sub, cols, with_kl=False)[0].detach()
+                    self._add_drift(sums, logp, sub.logp_old[:, cols], sub.step_mask[:, cols])
+                    logp_old[index[:, None], cols[None, :]] = logp
         return dataclasses.replace(rollout, logp_old=logp_old)
 
     def _optimizer_step(self) -> float:

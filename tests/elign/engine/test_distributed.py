@@ -4,6 +4,7 @@ import functools
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -28,38 +29,42 @@ def fixed_batch():
     return rollout, adv
 
 
-def one_update(info: DistInfo, index: torch.Tensor, tmp: str) -> torch.Tensor:
+def one_update(info: DistInfo, index: torch.Tensor, tmp: str, inner_epochs: int = 1) -> torch.Tensor:
     torch.manual_seed(0)
     policy = CategoricalPolicy(num_steps=T, vocab=4)
     with torch.no_grad():
         policy.module.logits.copy_(torch.randn(T, 4, generator=torch.Generator().manual_seed(1)))
     strategy = FedGRPOStrategy({"score": 1.0}, 1.0, "terminal", 1.0, None, 1e-8, 0.2, 0.0, -1.0)
     trainer = Trainer(policy, strategy, TargetTokenReward(), ToyPrompts(len(index), 4), tmp, info,
-                      functools.partial(torch.optim.SGD, lr=1.0), ConstantSchedule(0), 1, len(index), 3, 1, 1,
-                      None, 1, None, "max", None, 0, False)
+                      functools.partial(torch.optim.SGD, lr=1.0), ConstantSchedule(0), 1, len(index), 3, 1,
+                      inner_epochs, None, 1, None, "max", None, 0, False)
     rollout, adv = fixed_batch()
     trainer._update(rollout.select(index), adv[index])
     return policy.module.logits.detach().clone()
 
 
-def _worker(rank: int, port: int, tmp: str, out: str) -> None:
+def _worker(rank: int, port: int, tmp: str, out: str, inner_epochs: int = 1) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     info = DistInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
-    params = one_update(info, torch.arange(rank * B // 2, (rank + 1) * B // 2), tmp)
+    params = one_update(info, torch.arange(rank * B // 2, (rank + 1) * B // 2), tmp, inner_epochs)
     reduced = reduce_mean({"x": float(rank), f"only_{rank}": 1.0}, info)
     if rank == 0:
         torch.save({"params": params, "reduced": reduced}, out)
     dist.destroy_process_group()
 
 
-def test_two_ranks_match_one_process_and_metrics_reduce(tmp_path):
-    single = one_update(DistInfo(0, 1, 0, torch.device("cpu")), torch.arange(B), str(tmp_path / "single"))
+@pytest.mark.parametrize("inner_epochs", [1, 2], ids=["one-step", "two-steps-recompute-pass"])
+def test_two_ranks_match_one_process_and_metrics_reduce(tmp_path, inner_epochs):
+    # Two inner epochs take two optimizer steps, so the old log-probs come from the recompute pass,
+    # which runs forwards through DDP with no backward after them.
+    single = one_update(DistInfo(0, 1, 0, torch.device("cpu")), torch.arange(B), str(tmp_path / "single"),
+                        inner_epochs)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_worker, args=(port, str(tmp_path / "ddp"), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(port, str(tmp_path / "ddp"), out, inner_epochs), nprocs=2, join=True)
     result = torch.load(out, weights_only=True)
     torch.testing.assert_close(result["params"], single, atol=1e-6, rtol=1e-5)
     assert result["reduced"] == {"x": 0.5, "only_0": 0.5, "only_1": 0.5}
