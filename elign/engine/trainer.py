@@ -91,7 +91,7 @@ class Trainer:
                 "recompute": those of the training forward before the update, so ratios are exact
                 when sampling and training round differently (bfloat16 compute). Free when an
                 iteration takes one optimizer step (the detached log-probs of the same forward),
-                else one extra no-grad pass.
+                else one extra forward pass (no backward) before the update.
         """
         for key, value, low in (("max_iterations", max_iterations, 1), ("micro_batch_size", micro_batch_size, 1),
                                 ("grad_accum_steps", 1 if grad_accum_steps is None else grad_accum_steps, 1),

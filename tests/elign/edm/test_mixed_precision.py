@@ -41,7 +41,7 @@ def test_bfloat16_on_policy_ratios_are_exact_with_recomputed_old_logp(tmp_path):
 
 
 def test_bfloat16_training_forward_is_reproducible_for_the_same_chunk():
-    # What makes the no-grad recompute pass of multi-step layouts exact: same shapes, same bits.
+    # What makes the recompute pass of multi-step layouts exact: same shapes, same bits.
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=BF16)
     torch.manual_seed(0)

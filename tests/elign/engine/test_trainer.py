@@ -135,7 +135,7 @@ def test_recomputed_old_logp_makes_on_policy_ratios_exact(tmp_path):
 
 def test_recompute_pass_serves_several_optimizer_steps(tmp_path):
     # 32 samples, micro-batch 8, 2 micro-batches per step: 2 optimizer steps, so the old log-probs
-    # come from a no-grad pass before the first one.
+    # come from a forward pass (no backward) before the first one.
     trainer = make_trainer(tmp_path, max_iterations=1, grad_accum_steps=2)
     rollout = trainer.policy.rollout(torch.zeros(4), 8)
     rollout.logp_old = rollout.logp_old + 1.0
