@@ -9,6 +9,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import run as run_module
+from elign.edm.egnn import EGNNDynamics
+from elign.edm.policy import EDMPolicy
+from elign.edm.schedule import PolynomialSchedule
 from elign.engine.distributed import DistInfo
 from elign.engine.errors import ConfigError
 from tests.elign.edm.test_learning import OVERRIDES
@@ -62,11 +65,7 @@ def test_bad_compute_dtype_is_a_config_error(value):
         run_module.build(cfg, "model")
 
 
-def _policy(compute_dtype: str, full_precision_steps: int, num_steps: int = 10):
-    from elign.edm.egnn import EGNNDynamics
-    from elign.edm.policy import EDMPolicy
-    from elign.edm.schedule import PolynomialSchedule
-
+def _policy(compute_dtype: str, full_precision_steps: int, num_steps: int = 10) -> EDMPolicy:
     torch.manual_seed(0)
     dyn = EGNNDynamics(hidden_nf=32, num_layers=2, compute_dtype=compute_dtype)
     return EDMPolicy(dyn, PolynomialSchedule(), num_steps=num_steps, full_precision_steps=full_precision_steps)
