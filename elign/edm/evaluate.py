@@ -90,9 +90,8 @@ def summarize_scores(scores: Mapping[str, Any], reference: frozenset[str] | None
     out = {"num_samples": float(len(scores["smiles"])), "molecule_stability": float(stable.double().mean()),
            "atom_stability": scores["atom_stability"], "validity": chem["validity"],
            "uniqueness": chem["uniqueness"], "validity_x_uniqueness": chem["validity"] * chem["uniqueness"]}
-    if "fragments" in scores:  # validity is of the largest fragment: say how often there is more than one
-        frags = scores["fragments"].double()
-        out.update(connected=float((frags == 1).double().mean()), fragments_per_molecule=float(frags.mean()))
+    frags = scores["fragments"].double()  # validity is of the largest fragment: say how often there are more
+    out.update(connected=float((frags == 1).double().mean()), fragments_per_molecule=float(frags.mean()))
     if chem["novelty"] is not None:
         out["novelty"] = chem["novelty"]
     if "ff_ok" in scores:
