@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from elign.engine.distributed import broadcast_object, init_distributed, shutdown
 from elign.engine.errors import ConfigError
+from elign.engine.memory import configure_host_allocator
 
 GROUPS = ("dataloader", "strategy", "model", "reward", "filter", "logger")
 
@@ -85,6 +86,7 @@ def check_compatible(cfg: DictConfig, dataloader: Any, strategy: Any) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    configure_host_allocator(cfg.get("host_allocator", "retain"))
     dist = init_distributed(cfg.device)
     run_dir = Path(broadcast_object(HydraConfig.get().runtime.output_dir, dist))
     torch.manual_seed(cfg.seed)  # model initialisation; iterations reseed themselves

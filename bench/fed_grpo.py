@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import run as run_module  # noqa: E402
 from elign.engine.distributed import DistInfo  # noqa: E402
+from elign.engine.memory import configure_host_allocator  # noqa: E402
 from elign.engine.metrics import read_metrics  # noqa: E402
 
 
@@ -84,6 +85,7 @@ def main() -> None:
         if a.prompts is not None:  # batch = prompts x group size
             extra = [f"dataloader.batch_size={a.prompts * cfg.dataloader.group_size}"]
             cfg = compose("config", overrides=overrides(a) + extra)
+    configure_host_allocator(cfg.host_allocator)  # as run.py does
     dist = DistInfo(0, 1, 0, torch.device("cpu"))
     torch.manual_seed(0)
     prompts = run_module.build(cfg, "dataloader")

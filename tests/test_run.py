@@ -87,11 +87,14 @@ def _run(args, cwd, timeout=600, env_extra=None):
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_cli_bad_value_exits_with_key_message(tmp_path):
-    out = _run([sys.executable, str(ROOT / "run.py"), "trainer.lr_schedule.min_lr_ratio=0",
-                f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+@pytest.mark.parametrize("override,key", [
+    ("trainer.lr_schedule.min_lr_ratio=0", "trainer.lr_schedule.min_lr_ratio"),
+    ("host_allocator=jemalloc", "host_allocator"),
+])
+def test_cli_bad_value_exits_with_key_message(tmp_path, override, key):
+    out = _run([sys.executable, str(ROOT / "run.py"), override, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert "trainer.lr_schedule.min_lr_ratio" in out.stderr
+    assert key in out.stderr
 
 
 SMALL = ["trainer.max_iterations=2", "model.num_steps=10", "model.skip_prefix=5", "trainer.progress=false"]

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from elign.edm.evaluate import evaluate_samples, sample_molecules
 from elign.engine.checkpoint import BEST, LATEST
+from elign.engine.memory import configure_host_allocator
 
 XTB_REFS = {1: -10.707211, 6: -48.798080, 7: -70.908087, 8: -102.521807, 9: -125.698643}
 
@@ -51,6 +52,7 @@ def build_policy(run_dir: str | None, model_config: str | None, checkpoint: str 
 
 def cmd_sample(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
+    configure_host_allocator("retain")  # as run.py: sampling reuses warm pages for its edge tensors
     policy, checkpoint = build_policy(a.run_dir, a.model_config, a.checkpoint, a.num_steps)
     samples = sample_molecules(policy, a.num, a.batch_size, a.seed)
     samples.update(seed=a.seed, checkpoint=str(checkpoint), num_steps=policy.num_steps)
