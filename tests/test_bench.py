@@ -1,6 +1,7 @@
 """The evidence bench runs end to end on tiny inputs and its pass/fail checks follow the targets."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,18 @@ def test_precision_bench_prints_float32_identity_and_bf16_cosines():
     assert set(cosines) == {0, 50}
     assert cosines[50] == 1.0, "every step in full precision: exactly the float32 gradient"
     assert cosines[0] < 1.0
+
+
+def test_egnn_floor_bench_prints_both_rows_with_matmul_shares():
+    out = subprocess.run([sys.executable, str(ROOT / "bench/egnn_floor.py"), "--layers", "2", "--hidden", "16",
+                          "--molecules", "3", "--atoms", "5", "--repeats", "2", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "(60 edges)" in out.stdout  # 3 molecules x 5 x 4 directed pairs
+    row = re.compile(r"^\s+(\w+) .*?: +([\d.]+) ms; matmuls alone +([\d.]+) ms \((\d+) %\); the rest +(-?[\d.]+) ms$")
+    rows = [m.groups() for m in map(row.match, out.stdout.splitlines()) if m]
+    assert [r[0] for r in rows] == ["sampling", "training"]
+    for _, real, floor, share, rest in rows:
+        assert float(real) > 0 and float(floor) > 0
+        assert abs(float(real) - float(floor) - float(rest)) < 0.02
+        assert abs(100 * float(floor) / float(real) - int(share)) <= 1
