@@ -52,3 +52,18 @@ def test_bad_mode_names_the_key() -> None:
         configure_host_allocator("jemalloc")
     with pytest.raises(ConfigError, match="top_pad_mib"):
         configure_host_allocator("retain", top_pad_mib=-1)
+
+
+def test_rejected_settings_warn_and_report_false(monkeypatch: pytest.MonkeyPatch) -> None:
+    class RejectingLibc:
+        def mallopt(self, param: int, value: int) -> int:
+            return 0 if param == -1 else 1  # M_TRIM_THRESHOLD refused
+
+    monkeypatch.setattr("elign.engine.memory._glibc", lambda: RejectingLibc())
+    with pytest.warns(UserWarning, match=r"rejected parameters \[-1\]"):
+        assert configure_host_allocator("retain") is False
+
+
+def test_default_mode_touches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("elign.engine.memory._glibc", lambda: pytest.fail("default mode must not call mallopt"))
+    assert configure_host_allocator("default") is False
