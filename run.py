@@ -86,7 +86,7 @@ def check_compatible(cfg: DictConfig, dataloader: Any, strategy: Any) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    configure_host_allocator(cfg.get("host_allocator", "retain"))
+    configure_host_allocator(cfg.host_allocator)
     dist = init_distributed(cfg.device)
     run_dir = Path(broadcast_object(HydraConfig.get().runtime.output_dir, dist))
     torch.manual_seed(cfg.seed)  # model initialisation; iterations reseed themselves

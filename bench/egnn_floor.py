@@ -71,6 +71,12 @@ def matmul_sequence(layers: int, nf: int, v: int, e: int, backward: bool) -> Cal
     return run
 
 
+def matmul_gflops(m: int, k: int, n: int, repeats: int) -> float:
+    """Throughput of one ``[m, k] x [k, n]`` float32 matmul on cache-warm inputs."""
+    x, w = torch.randn(m, k), torch.randn(k, n)
+    return 2 * m * k * n / (median_ms(lambda: x.mm(w), repeats, 1) * 1e6)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=9, help="EGNN blocks")
@@ -110,12 +116,6 @@ def main() -> None:
     print(f"matmul throughput: edge layer [{e}, {a.hidden}] x [{a.hidden}, {a.hidden}] "
           f"{matmul_gflops(e, a.hidden, a.hidden, a.repeats):.0f} GFLOPS; "
           f"[{big}, {big}] x [{big}, {big}] {matmul_gflops(big, big, big, a.repeats):.0f} GFLOPS")
-
-
-def matmul_gflops(m: int, k: int, n: int, repeats: int) -> float:
-    """Throughput of one ``[m, k] x [k, n]`` float32 matmul on cache-warm inputs."""
-    x, w = torch.randn(m, k), torch.randn(k, n)
-    return 2 * m * k * n / (median_ms(lambda: x.mm(w), repeats, 1) * 1e6)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ a training or sampling job, whose next batch needs the same memory again.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 import warnings
 
@@ -37,12 +36,10 @@ HOST_ALLOCATOR_MODES = ("retain", "default")
 
 
 def _glibc() -> ctypes.CDLL | None:
+    """The process's own C library when it is glibc (its symbols are already loaded: no search)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
+    return ctypes.CDLL(None)
 
 
 def configure_host_allocator(mode: str = "retain", top_pad_mib: int = 256) -> bool:
