@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from elign.edm import persample
 from elign.edm.diffusion import remove_com
 from elign.engine.errors import ConfigError
 
@@ -75,6 +76,11 @@ def _split_first_linear(
     nf = h.shape[1]
     w = layer.weight
     dtype = dtype or h.dtype
+    if persample.active_tape() is not None:
+        src = persample.linear(h, w, layer.bias, "node", (0, nf)).to(dtype)
+        dst = persample.linear(h, w, None, "node", (nf, 2 * nf)).to(dtype)
+        pair = persample.linear(edge_attr.to(dtype), w, None, "edge", (2 * nf, w.shape[1]))
+        return pair.add_(src.index_select(0, row)).add_(dst.index_select(0, col))
     src = F.linear(h, w[:, :nf], layer.bias).to(dtype)  # bias folded into the receiver's per-node term
     dst = F.linear(h, w[:, nf : 2 * nf]).to(dtype)
     w_edge, edge_attr = w[:, 2 * nf :].to(dtype), edge_attr.to(dtype)
@@ -97,20 +103,23 @@ def _split_first_linear(
 _FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    """``layer(x)`` in ``x``'s dtype (parameters cast per call; a no-op in float32)."""
+def _linear(layer: nn.Linear, x: Tensor, rows: str) -> Tensor:
+    """``layer(x)`` in ``x``'s dtype (parameters cast per call; a no-op in float32). ``rows`` ("node"
+    or "edge") says what the rows of ``x`` are, for per-sample gradients (``persample``)."""
+    if persample.active_tape() is not None:
+        return persample.linear(x, layer.weight, layer.bias, rows)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return F.linear(x, layer.weight.to(x.dtype), bias)
 
 
-def _linear_silu(layer: nn.Linear, x: Tensor) -> Tensor:
+def _linear_silu(layer: nn.Linear, x: Tensor, rows: str) -> Tensor:
     """``silu(layer(x))`` in ``x``'s dtype. Without gradients on CPU (sampling), one oneDNN call with
     SiLU as a fused post-op: no bias broadcast copy and no separate pass over the ``[E, nf]`` edge
     tensor (~1.5x faster per call). It has no autograd formula, so training uses the plain ops."""
     if _FUSED_LINEAR and _fast_sampling_kernels(x) and x.device.type == "cpu":
         w, b = layer.weight.to(x.dtype), layer.bias.to(x.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "swish", [], "")
-    return _silu(_linear(layer, x))
+    return _silu(_linear(layer, x, rows))
 
 
 def _gated_sum(msg: Tensor, gate: Tensor | None, row: Tensor, num_nodes: int) -> Tensor:
@@ -165,12 +174,13 @@ class GCL(nn.Module):
         """``h`` ``[V, nf]``, ``row``/``col`` ``[E]``, ``edge_attr`` ``[E, 2]`` -> new ``h`` ``[V, nf]``;
         per-edge work in ``dtype`` (``h``'s if None)."""
         pre = _split_first_linear(self.edge_mlp[0], h, row, col, edge_attr, dtype)
-        mij = _linear_silu(self.edge_mlp[2], _silu(pre))
-        gate = torch.sigmoid(_linear(self.att_mlp[0], mij)) if self.attention else None
+        mij = _linear_silu(self.edge_mlp[2], _silu(pre), "edge")
+        gate = torch.sigmoid(_linear(self.att_mlp[0], mij, "edge")) if self.attention else None
         agg = _gated_sum(mij, gate, row, h.shape[0]).to(h.dtype)
         if self.normalization_factor != 1:
             agg = agg / self.normalization_factor
-        return h + self.node_mlp[2](_linear_silu(self.node_mlp[0], torch.cat([h, agg], dim=1)))
+        node = _linear_silu(self.node_mlp[0], torch.cat([h, agg], dim=1), "node")
+        return h + _linear(self.node_mlp[2], node, "node")
 
 
 class EquivariantUpdate(nn.Module):
@@ -207,7 +217,8 @@ class EquivariantUpdate(nn.Module):
         """``h`` ``[V, nf]``, ``x`` ``[V, 3]``, ``coord_diff`` ``[E, 3]``, ``edge_attr`` ``[E, 2]``
         -> ``x`` ``[V, 3]``; per-edge work in ``dtype`` (``h``'s if None)."""
         pre = _split_first_linear(self.coord_mlp[0], h, row, col, edge_attr, dtype)
-        scale = _linear(self.coord_mlp[4], _linear_silu(self.coord_mlp[2], _silu(pre))).to(x.dtype)
+        hidden = _linear_silu(self.coord_mlp[2], _silu(pre), "edge")
+        scale = _linear(self.coord_mlp[4], hidden, "edge").to(x.dtype)
         if self.tanh:
             scale = torch.tanh(scale) * self.coords_range
         agg = x.new_zeros(x.shape).index_add_(0, row, coord_diff * scale)
@@ -286,8 +297,9 @@ class EGNN(nn.Module):
         in ``dtype`` (the parameters' if None)."""
         diff = x.index_select(0, row) - x.index_select(0, col)
         d2_input = (diff * diff).sum(dim=1, keepdim=True)
-        h = self.embedding(h)
-        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        h = _linear(self.embedding, h, "node")
+        # Under a per-sample tape the backward follows each forward at once: nothing to save.
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled() and persample.active_tape() is None
         for i in range(self.num_layers):
             block = self._modules[f"e_block_{i}"]
             if recompute:
@@ -296,7 +308,7 @@ class EGNN(nn.Module):
                 h, x = checkpoint(block, h, x, row, col, d2_input, dtype, use_reentrant=False)
             else:
                 h, x = block(h, x, row, col, d2_input, dtype)
-        return self.embedding_out(h), x
+        return _linear(self.embedding_out, h, "node"), x
 
 
 class EGNNDynamics(nn.Module):
@@ -384,6 +396,8 @@ class EGNNDynamics(nn.Module):
             return self._predict(z, t, node_mask, self.compute_dtype)
         if bool(full_precision.all()):
             return self._predict(z, t, node_mask, None)
+        if persample.active_tape() is not None:
+            raise ValueError("per-sample gradients need one precision per call (full_precision a bool)")
         out = torch.zeros_like(z)
         for keep, dtype in ((~full_precision, self.compute_dtype), (full_precision, None)):
             index = keep.nonzero().squeeze(1)
@@ -394,6 +408,9 @@ class EGNNDynamics(nn.Module):
         """:meth:`forward` for ``t`` ``[M]``, a bool mask and one per-edge ``dtype``."""
         m, n, c = z.shape
         nodes, row, col = valid_edges(node_mask)
+        tape = persample.active_tape()
+        if tape is not None:
+            tape.set_molecules(node_mask)
         zv = z.reshape(m * n, c).index_select(0, nodes)
         x, h = zv[:, :N_POS], zv[:, N_POS:]
         if self.condition_time:

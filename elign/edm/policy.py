@@ -7,6 +7,7 @@ The final decode ``p(x, h | z_0)`` is recorded in the payload but is never a tra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Callable
 
@@ -24,6 +25,7 @@ from elign.edm.diffusion import (
     sample_step,
 )
 from elign.edm.egnn import EGNNDynamics
+from elign.edm.persample import PerSampleTape
 from elign.edm.losses import encode_latent, noise_prediction_loss
 from elign.edm.schedule import PolynomialSchedule
 from elign.engine.errors import ConfigError
@@ -154,7 +156,6 @@ class EDMPolicy:
     def dtype(self) -> torch.dtype:
         return next(self.module.parameters()).dtype
 
-    @torch.no_grad()
     def rollout(self, prompts: Tensor, group_size: int) -> Rollout:
         """Sample ``group_size`` molecules per prompt.
 
@@ -167,6 +168,21 @@ class EDMPolicy:
             ``atom_types [B, N]`` (index into H, C, N, O, F), ``charges [B, N]`` (atomic numbers),
             ``logp_decode [B]`` and, if recorded, ``z0_pred [B, T, N, 9]``; ``N`` is the largest count.
         """
+        return self._sample(prompts, group_size, tape=None)
+
+    def rollout_with_grads(self, prompts: Tensor, group_size: int) -> tuple[Rollout, PerSampleTape]:
+        """:meth:`rollout`, backpropagating each trained step's log-prob as it is sampled.
+
+        Returns the rollout and a :class:`PerSampleTape` holding, per sample, the sum over the
+        trained steps of ``d log p / d theta`` (``B x`` the parameters in memory). The samples are
+        those of :meth:`rollout` with the same RNG state, up to float rounding (the sampler's no-grad
+        kernels are not used)."""
+        counts = torch.as_tensor(prompts).reshape(-1)
+        tape = PerSampleTape(self.module, counts.numel() * int(group_size))
+        return self._sample(prompts, group_size, tape=tape), tape
+
+    @torch.no_grad()
+    def _sample(self, prompts: Tensor, group_size: int, tape: PerSampleTape | None) -> Rollout:
         k = int(group_size)
         if k < 1:
             raise ConfigError("group_size", group_size, "a positive integer")
@@ -182,7 +198,7 @@ class EDMPolicy:
         self.module.eval()
         try:
             parts = [
-                self._sample_groups(counts[g : g + groups_per_chunk], k, n_max)
+                self._sample_groups(counts[g : g + groups_per_chunk], k, n_max, tape, first_sample=g * k)
                 for g in range(0, counts.numel(), groups_per_chunk)
             ]
         finally:
@@ -262,8 +278,11 @@ class EDMPolicy:
     def _recentre(z: Tensor, mask: Tensor) -> Tensor:
         return torch.cat([remove_com(z[..., :N_POS], mask), z[..., N_POS:]], dim=-1)
 
-    def _run(self, z: Tensor, mask: Tensor, first: int, last: int) -> dict[str, Tensor]:
-        """Reverse steps for columns ``first .. last - 1`` from ``z`` ``[M, N, C]``.
+    def _run(
+        self, z: Tensor, mask: Tensor, first: int, last: int, tape: PerSampleTape | None = None, first_sample: int = 0
+    ) -> dict[str, Tensor]:
+        """Reverse steps for columns ``first .. last - 1`` from ``z`` ``[M, N, C]``; with a ``tape``,
+        each step's log-prob is backpropagated into it (the molecules being samples ``first_sample``...).
 
         Returns ``latents [M, last - first + 1, N, C]`` (starting with ``z``), ``logp [M, last - first]``
         and, if recorded, ``z0_pred [M, last - first, N, C]``.
@@ -274,12 +293,20 @@ class EDMPolicy:
             t_cont, s_cont = self._times(torch.tensor([j], device=z.device))
             time_t, time_s = t_cont.expand(m), s_cont.expand(m)
             gamma_t, gamma_s = self.schedule.gamma(time_t), self.schedule.gamma(time_s)
-            eps = self.module(z, time_t.to(z.dtype), mask, self._full_precision(j))
-            mean, sigma = reverse_step(z, eps, gamma_t, gamma_s)
+            with contextlib.ExitStack() as recording:
+                if tape is not None:
+                    recording.enter_context(torch.enable_grad())
+                    recording.enter_context(tape.record(first_sample))
+                eps = self.module(z, time_t.to(z.dtype), mask, self._full_precision(j))
+                mean, sigma = reverse_step(z, eps, gamma_t, gamma_s)
+                z_next = sample_step(mean.detach(), sigma, mask)
+                logp = gaussian_log_prob(z_next, mean, sigma, mask)
+                if tape is not None:
+                    logp.sum().backward()  # samples do not interact: the tape splits it per molecule
             if self.record_z0_pred:
-                preds.append(predict_clean(z, eps, gamma_t))
-            z = sample_step(mean, sigma, mask)
-            logps.append(gaussian_log_prob(z, mean, sigma, mask))
+                preds.append(predict_clean(z, eps.detach(), gamma_t))
+            z = z_next
+            logps.append(logp.detach())
             frames.append(z)
         out = {"latents": torch.stack(frames, dim=1), "logp": z.new_zeros(m, 0)}
         if logps:
@@ -289,8 +316,11 @@ class EDMPolicy:
             out["z0_pred"] = torch.stack(preds, dim=1) if preds else z.new_zeros(m, 0, z.shape[1], c)
         return out
 
-    def _sample_groups(self, counts: Tensor, k: int, n_max: int) -> dict[str, Tensor]:
-        """Whole trajectories for ``len(counts)`` groups of ``k`` molecules, padded to ``n_max`` atoms."""
+    def _sample_groups(
+        self, counts: Tensor, k: int, n_max: int, tape: PerSampleTape | None, first_sample: int
+    ) -> dict[str, Tensor]:
+        """Whole trajectories for ``len(counts)`` groups of ``k`` molecules, padded to ``n_max`` atoms;
+        the trained (unshared) steps feed ``tape`` if given, as samples ``first_sample``..."""
         c = N_POS + self.num_features
         mask_p = torch.arange(n_max, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)  # [p, N]
         mask = mask_p.repeat_interleave(k, dim=0)  # [p*k, N]
@@ -303,7 +333,7 @@ class EDMPolicy:
         else:
             prefix = None
             z = sample_latent_noise((mask.shape[0], n_max, c), mask, dtype=self.dtype)
-        out = self._run(z, mask, self.skip_prefix, self.num_steps)
+        out = self._run(z, mask, self.skip_prefix, self.num_steps, tape, first_sample)
         if prefix is not None:
             out["latents"] = torch.cat([prefix["latents"][:, :-1], out["latents"]], dim=1)
             out["logp"] = torch.cat([prefix["logp"], out["logp"]], dim=1)

@@ -56,6 +56,21 @@ def reduce_mean(metrics: dict[str, float], info: DistInfo) -> dict[str, float]:
     return dict(zip(keys, values.tolist()))
 
 
+def average_gradients(params: list[torch.Tensor], info: DistInfo) -> None:
+    """Replace each ``.grad`` by its mean over ranks (what DistributedDataParallel does in backward),
+    for gradients set outside a DDP forward. One flat all-reduce."""
+    if not info.enabled:
+        return
+    grads = [p.grad for p in params]
+    if any(g is None for g in grads):
+        raise RuntimeError("average_gradients: every parameter needs a .grad on every rank")
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= info.world_size
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
+
+
 def broadcast_object(obj: Any, info: DistInfo) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not info.enabled:

@@ -51,3 +51,26 @@ def gaussian_kl_same_std(mean_p: Tensor, mean_q: Tensor, std: Tensor, mask: Tens
 def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
     """``sum(values * mask)`` as a 0-d tensor."""
     return (values * mask.to(values.dtype)).sum()
+
+
+def per_sample_coefficients(coef: Tensor, mask: Tensor, rtol: float = 1e-6) -> Tensor:
+    """The one coefficient per sample of a ``[B, T]`` loss gradient that is constant over each sample's
+    masked steps (terminal advantages), so that ``grad = sum_i c_i sum_t grad log p_{i,t}``.
+
+    Args:
+        coef: ``[B, T]``, ``d loss / d log p`` at the sampling weights.
+        mask: ``[B, T]`` bool, the steps that enter the loss.
+        rtol: tolerance, relative to the largest ``|coef|``.
+    Returns:
+        ``[B]``; 0 for a sample with no masked step.
+    Raises:
+        ValueError: a sample's coefficients differ between its steps (e.g. per-step advantages).
+    """
+    mask = mask.bool()
+    first = torch.where(mask.any(dim=1), mask.float().argmax(dim=1), 0)
+    c = coef.gather(1, first.unsqueeze(1)).squeeze(1) * mask.any(dim=1)
+    spread = ((coef - c.unsqueeze(1)).abs() * mask).max() if mask.any() else coef.new_zeros(())
+    if spread > rtol * coef.abs().max().clamp_min(torch.finfo(coef.dtype).tiny):
+        raise ValueError(f"the loss weights the steps of a sample differently (spread {float(spread):.3g}): "
+                         "per-step advantages need the replay update")
+    return c

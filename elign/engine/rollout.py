@@ -128,6 +128,24 @@ class Policy(Protocol):
 
 
 @runtime_checkable
+class PerSampleGradients(Protocol):
+    """``G_i = sum_t d log p_{i,t} / d theta`` over the trained steps (``step_mask``) of each sample."""
+
+    def accumulate(self, weights: Tensor) -> None:
+        """Add ``sum_i weights[i] * G_i`` to the ``.grad`` of the policy's trainable parameters
+        (``weights`` ``[B]``)."""
+
+
+@runtime_checkable
+class FusedPolicy(Policy, Protocol):
+    """A policy that can backpropagate each step's log-prob while sampling (``trainer.fused_rollout``)."""
+
+    def rollout_with_grads(self, prompts: Any, group_size: int) -> tuple[Rollout, PerSampleGradients]:
+        """:meth:`Policy.rollout`, plus the per-sample log-prob gradients of the trained steps,
+        taken at the current weights."""
+
+
+@runtime_checkable
 class Reward(Protocol):
     def __call__(self, rollout: Rollout) -> RewardOutput:
         """Score every sample of ``rollout``; never raises for one bad sample (NaN + reason)."""

@@ -16,11 +16,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from elign.engine.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
-from elign.engine.distributed import DistInfo, reduce_mean
+from elign.engine.distributed import DistInfo, average_gradients, reduce_mean
 from elign.engine.ema import ParameterEMA
+from elign.engine.losses import per_sample_coefficients
 from elign.engine.errors import ConfigError
 from elign.engine.metrics import MetricsWriter, NullLogger, PhaseTimer
-from elign.engine.rollout import Filter, IdentityFilter, Policy, PromptSource, Reward, Rollout
+from elign.engine.rollout import Filter, IdentityFilter, PerSampleGradients, Policy, PromptSource, Reward, Rollout
 
 BEST_MODES = ("max", "min")
 OLD_LOGP = ("rollout", "recompute")
@@ -63,6 +64,7 @@ class Trainer:
         ema_decay: float = 0.0,
         eval_interval: int = 0,
         old_logp: str = "recompute",
+        fused_rollout: bool | str = False,
         filter: Filter | None = None,
         logger: Any = None,
         evaluator: Callable[[Any], dict[str, float]] | None = None,
@@ -91,7 +93,14 @@ class Trainer:
                 "recompute": those of the training forward before the update, so ratios are exact
                 when sampling and training round differently (bfloat16 compute). Free when an
                 iteration takes one optimizer step (the detached log-probs of the same forward),
-                else one extra forward pass (no backward) before the update.
+                else one extra forward pass (no backward) before the update. Moot with
+                ``fused_rollout`` (the update then differentiates the sampler's own forward).
+            fused_rollout: the policy backpropagates each step's log-prob while sampling and keeps
+                one gradient sum per sample; the update combines them with the advantages and needs
+                no forward pass (~25 % fewer FLOPs per iteration). Needs a policy with
+                ``rollout_with_grads``, one optimizer step per iteration, one advantage per sample
+                (terminal mode) and no KL; memory grows by B copies of the parameters. True
+                requires it, "auto" uses it where it applies (and says which on start-up).
         """
         for key, value, low in (("max_iterations", max_iterations, 1), ("micro_batch_size", micro_batch_size, 1),
                                 ("grad_accum_steps", 1 if grad_accum_steps is None else grad_accum_steps, 1),
@@ -124,6 +133,8 @@ class Trainer:
         self.supervised = getattr(strategy, "kind", "rl") == "supervised"
         self.evaluator, self.eval_interval = evaluator, int(eval_interval)
         self.old_logp = old_logp
+        if fused_rollout not in (True, False, "auto"):
+            raise ConfigError("fused_rollout", fused_rollout, "true, false or auto")
 
         self.params = [p for p in policy.module.parameters() if p.requires_grad]
         self.optimizer = optimizer(self.params)
@@ -138,6 +149,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir, save_interval, best_metric, best_mode, enabled=dist.is_main)
         self.writer = MetricsWriter(self.run_dir, enabled=dist.is_main)
         self.optimizer_steps = 0
+        self.fused_rollout = self._resolve_fused(fused_rollout)
         self.ema = ParameterEMA(policy.module, ema_decay) if ema_decay > 0 else None
 
     def fit(self) -> dict[str, float]:
@@ -174,12 +186,16 @@ class Trainer:
     def _rl_iteration(self, timer: PhaseTimer) -> dict[str, float]:
         """Rollout, reward, filter, advantages, clipped-surrogate update."""
         with timer.phase("rollout"):
-            rollout = self.policy.rollout(next(self.prompts), self.group_size)
+            if self.fused_rollout:
+                rollout, grads = self.policy.rollout_with_grads(next(self.prompts), self.group_size)
+            else:
+                rollout, grads = self.policy.rollout(next(self.prompts), self.group_size), None
         with timer.phase("reward"):
             reward = self.filter(rollout, self.reward(rollout))
             advantages, metrics = self.strategy.advantages(reward, rollout)
         with timer.phase("update"):
-            metrics.update(self._update(rollout, advantages))
+            metrics.update(self._update(rollout, advantages) if grads is None
+                           else self._fused_update(rollout, advantages, grads))
         metrics.update(rollout.info.get("metrics", {}))
         metrics["rollout/samples_per_s"] = rollout.batch_size / max(timer.seconds["rollout"], 1e-9)
         return metrics
@@ -259,6 +275,38 @@ class Trainer:
         out["train/lr"] = self.scheduler.get_last_lr()[0]
         if drift_count:
             out["train/logp_drift"] = drift
+        return out
+
+    def _resolve_fused(self, setting: bool | str) -> bool:
+        """Whether to take the gradients while sampling: only where they are the update's (see __init__)."""
+        if self.supervised or setting is False:
+            return False
+        needs = [("a policy with rollout_with_grads", not hasattr(self.policy, "rollout_with_grads")),
+                 ("one optimizer step per iteration (grad_accum_steps: null, inner_epochs: 1)",
+                  self._optimizer_steps_per_iteration() != 1),
+                 ("strategy.kl_coef: 0", getattr(self.strategy, "uses_kl", False)),
+                 ("strategy.advantage_mode: terminal", getattr(self.strategy, "advantage_mode", "terminal") != "terminal")]
+        missing = [what for what, failed in needs if failed]
+        if missing and setting is True:
+            raise ConfigError("fused_rollout", True, "false, or true with " + "; ".join(missing))
+        if setting == "auto" and self.dist.is_main and self.progress:
+            tqdm.write("fused_rollout=auto: " + ("on" if not missing else "off (needs " + "; ".join(missing) + ")"))
+        return not missing
+
+    def _fused_update(self, rollout: Rollout, advantages: torch.Tensor, grads: PerSampleGradients) -> dict[str, float]:
+        """The one on-policy step from the gradients taken while sampling: the loss's
+        ``d loss / d log p`` at ratio 1, one coefficient per sample, times each sample's gradient sum."""
+        mask = rollout.step_mask
+        logp = rollout.logp_old.detach().clone().requires_grad_(True)
+        loss, stats = self.strategy.loss(logp, rollout.logp_old, advantages, mask, None, float(mask.sum().clamp_min(1)))
+        loss.backward()
+        grads.accumulate(per_sample_coefficients(logp.grad, mask))
+        average_gradients(self.params, self.dist)
+        count = max(float(stats.pop("count")), 1.0)
+        out = {f"train/{k if k != 'clipped' else 'clip_frac'}": float(v) / count for k, v in stats.items()}
+        out["train/ratio_mean"] = out.pop("train/ratio")
+        out["train/grad_norm"] = self._optimizer_step()
+        out["train/lr"] = self.scheduler.get_last_lr()[0]
         return out
 
     @staticmethod

@@ -14,7 +14,7 @@ from elign.engine.rollout import Rollout
 from elign.engine.schedule import ConstantSchedule
 from elign.engine.strategies.fed_grpo import FedGRPOStrategy
 from elign.engine.trainer import Trainer
-from tests.elign.engine.toy import CategoricalPolicy, TargetTokenReward, ToyPrompts
+from tests.elign.engine.toy import FusedCategoricalPolicy, TargetTokenReward, ToyPrompts
 
 B, T = 8, 6
 
@@ -30,16 +30,23 @@ def fixed_batch():
 
 
 def one_update(info: DistInfo, index: torch.Tensor, tmp: str, inner_epochs: int = 1) -> torch.Tensor:
+    """One iteration's update on samples ``index`` of the fixed batch; ``inner_epochs`` 0 means one
+    epoch from gradients taken while sampling (``fused_rollout``, which averages over ranks by hand)."""
     torch.manual_seed(0)
-    policy = CategoricalPolicy(num_steps=T, vocab=4)
+    fused, inner_epochs = inner_epochs == 0, max(inner_epochs, 1)
+    policy = FusedCategoricalPolicy(num_steps=T, vocab=4)
     with torch.no_grad():
         policy.module.logits.copy_(torch.randn(T, 4, generator=torch.Generator().manual_seed(1)))
     strategy = FedGRPOStrategy({"score": 1.0}, 1.0, "terminal", 1.0, None, 1e-8, 0.2, 0.0, -1.0)
     trainer = Trainer(policy, strategy, TargetTokenReward(), ToyPrompts(len(index), 4), tmp, info,
                       functools.partial(torch.optim.SGD, lr=1.0), ConstantSchedule(0), 1, len(index), 3, 1,
-                      inner_epochs, None, 1, None, "max", None, 0, False)
+                      inner_epochs, None, 1, None, "max", None, 0, False, fused_rollout=fused)
     rollout, adv = fixed_batch()
-    trainer._update(rollout.select(index), adv[index])
+    if fused:  # one advantage per sample
+        rollout = rollout.select(index)
+        trainer._fused_update(rollout, adv[index, :1].expand(-1, T), policy.gradients(rollout))
+    else:
+        trainer._update(rollout.select(index), adv[index])
     return policy.module.logits.detach().clone()
 
 
@@ -54,7 +61,7 @@ def _worker(rank: int, port: int, tmp: str, out: str, inner_epochs: int = 1) -> 
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("inner_epochs", [1, 2], ids=["one-step", "two-steps-recompute-pass"])
+@pytest.mark.parametrize("inner_epochs", [1, 2, 0], ids=["one-step", "two-steps-recompute-pass", "fused-rollout"])
 def test_two_ranks_match_one_process_and_metrics_reduce(tmp_path, inner_epochs):
     # Two inner epochs take two optimizer steps, so the old log-probs come from the recompute pass,
     # which runs forwards through DDP with no backward after them.

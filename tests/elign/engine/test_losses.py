@@ -1,8 +1,9 @@
 import math
 
+import pytest
 import torch
 
-from elign.engine.losses import clipped_surrogate, gaussian_kl_same_std
+from elign.engine.losses import clipped_surrogate, gaussian_kl_same_std, per_sample_coefficients
 from elign.engine.strategies.fed_grpo import FedGRPOStrategy
 
 
@@ -59,3 +60,13 @@ def test_strategy_loss_adds_kl_and_normalises_by_denominator():
     # per pair: -A*1 + 0.5*2 -> [0, 0], [2, (2)] ; masked sum = 2 ; / 6
     torch.testing.assert_close(loss, torch.tensor(2.0 / 6.0))
     assert float(sums["count"]) == 3.0 and float(sums["kl"]) == 6.0 and float(sums["clipped"]) == 0.0
+
+
+def test_per_sample_coefficients_hand_computed():
+    mask = torch.tensor([[False, True, True], [True, True, True], [False, False, False]])
+    coef = torch.tensor([[0.0, -0.5, -0.5], [0.25, 0.25, 0.25], [0.0, 0.0, 0.0]])
+    assert per_sample_coefficients(coef, mask).tolist() == [-0.5, 0.25, 0.0]
+    # A value off the mask does not count; one that differs on it is per-step weighting.
+    assert per_sample_coefficients(coef + torch.tensor([[9.0, 0, 0], [0, 0, 0], [0, 0, 0]]), mask).tolist() == [-0.5, 0.25, 0.0]
+    with pytest.raises(ValueError, match="per-step advantages"):
+        per_sample_coefficients(coef + torch.tensor([[0, 0, 0.1], [0, 0, 0], [0, 0, 0]]), mask)

@@ -12,7 +12,7 @@ from elign.engine.errors import ConfigError
 from elign.engine.schedule import ConstantSchedule
 from elign.engine.strategies.fed_grpo import FedGRPOStrategy
 from elign.engine.trainer import Trainer
-from tests.elign.engine.toy import CategoricalPolicy, TargetTokenReward, ToyPrompts
+from tests.elign.engine.toy import CategoricalPolicy, FusedCategoricalPolicy, TargetTokenReward, ToyPrompts
 
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -150,3 +150,46 @@ def test_recompute_pass_serves_several_optimizer_steps(tmp_path):
     assert not torch.equal(fresh.logp_old, rollout.logp_old), "the rollout itself is not modified"
     with pytest.raises(ConfigError, match="old_logp"):
         make_trainer(tmp_path, old_logp="sampler")
+
+
+def test_fused_rollout_takes_the_replay_step(tmp_path):
+    """Gradients taken while sampling, combined with the advantages, give the same optimizer steps
+    as the replayed forward + backward (same seed, same rollouts)."""
+    runs = {}
+    for fused in (False, True):
+        trainer = make_trainer(tmp_path / str(fused), max_iterations=4, grad_accum_steps=None,
+                               policy_cls=FusedCategoricalPolicy, fused_rollout=fused)
+        trainer.fit()
+        rows = [json.loads(x) for x in (tmp_path / str(fused) / "metrics.jsonl").read_text().splitlines()]
+        runs[fused] = (trainer.policy.module.logits.detach(), rows)
+    (replayed, rows_r), (fused, rows_f) = runs[False], runs[True]
+    assert replayed.abs().max() > 0.05, "the policy moved"
+    torch.testing.assert_close(fused, replayed, rtol=1e-5, atol=1e-6)
+    for a, b in zip(rows_r, rows_f):
+        for key in ("reward/total", "train/loss", "train/grad_norm", "train/clip_frac", "train/ratio_mean"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+def test_fused_rollout_refuses_what_it_cannot_compute(tmp_path):
+    with pytest.raises(ConfigError, match="fused_rollout.*rollout_with_grads"):
+        make_trainer(tmp_path, grad_accum_steps=None, fused_rollout=True)  # the plain toy has none
+    for kw, why in (({"grad_accum_steps": 2}, "one optimizer step per iteration"),
+                    ({"grad_accum_steps": None, "inner_epochs": 2}, "one optimizer step per iteration"),
+                    ({"grad_accum_steps": None, "kl_coef": 0.1}, "kl_coef: 0")):
+        with pytest.raises(ConfigError, match=why):
+            make_trainer(tmp_path, policy_cls=FusedCategoricalPolicy, fused_rollout=True, **kw)
+    trainer = make_trainer(tmp_path, grad_accum_steps=None, policy_cls=FusedCategoricalPolicy)
+    trainer.strategy.advantage_mode = "pbrs_return_to_go"
+    with pytest.raises(ConfigError, match="advantage_mode: terminal"):
+        trainer._resolve_fused(True)
+    assert trainer._resolve_fused("auto") is False
+    with pytest.raises(ConfigError, match="fused_rollout.*true, false or auto"):
+        make_trainer(tmp_path, fused_rollout="yes")
+
+
+def test_fused_rollout_auto_uses_it_where_it_applies(tmp_path):
+    on = make_trainer(tmp_path, grad_accum_steps=None, policy_cls=FusedCategoricalPolicy, fused_rollout="auto")
+    assert on.fused_rollout is True
+    for kw in ({"policy_cls": CategoricalPolicy}, {"grad_accum_steps": 2}, {"kl_coef": 0.1}):
+        args = {"grad_accum_steps": None, "policy_cls": FusedCategoricalPolicy, "fused_rollout": "auto"} | kw
+        assert make_trainer(tmp_path, **args).fused_rollout is False, kw

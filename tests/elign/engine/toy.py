@@ -61,6 +61,36 @@ class CategoricalPolicy:
         return logp, kl
 
 
+class TableGradients:
+    """Per-sample gradient sums ``[B, T, V]`` of the token table (``PerSampleGradients``)."""
+
+    def __init__(self, param: nn.Parameter, per_sample: Tensor) -> None:
+        self.param, self.per_sample = param, per_sample
+
+    def accumulate(self, weights: Tensor) -> None:
+        g = torch.einsum("b,btv->tv", weights.to(self.per_sample), self.per_sample)
+        self.param.grad = g if self.param.grad is None else self.param.grad + g
+
+
+class FusedCategoricalPolicy(CategoricalPolicy):
+    """The toy policy with ``rollout_with_grads`` (the engine's ``FusedPolicy``): one autograd call per
+    sample, which is the definition of a per-sample gradient."""
+
+    def rollout_with_grads(self, prompts: Tensor, group_size: int) -> tuple[Rollout, TableGradients]:
+        rollout = self.rollout(prompts, group_size)
+        return rollout, self.gradients(rollout)
+
+    def gradients(self, rollout: Rollout) -> TableGradients:
+        """Per-sample sums of the log-prob gradients over the trained steps of ``rollout``."""
+        steps = torch.arange(self.num_steps)
+        logp_all = torch.log_softmax(self.module(steps), dim=-1)  # [T, V], the undistributed module
+        per_sample = []
+        for tokens, mask in zip(rollout.payload["tokens"], rollout.step_mask):
+            logp = logp_all.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            per_sample.append(torch.autograd.grad((logp * mask).sum(), self.module.logits, retain_graph=True)[0])
+        return TableGradients(self.module.logits, torch.stack(per_sample))
+
+
 class TargetTokenReward:
     """Fraction of positions that hold token 0."""
 
