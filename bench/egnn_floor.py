@@ -2,9 +2,12 @@
 
     python bench/egnn_floor.py                       # 9 x 256, 20 molecules of 19 atoms, float32
     python bench/egnn_floor.py --molecules 8 --atoms 29
+    python bench/egnn_floor.py --molecules 8 --hidden 8        # next to no FLOPs: eager overhead
 
 Times, per molecule and network call (one reverse step of one molecule):
-- the sampling forward (no grad) and the training forward + backward of ``EGNNDynamics``;
+- the sampling forward (no grad), the training forward + backward of ``EGNNDynamics``, and the
+  same with per-sample weight gradients (``trainer.fused_rollout``: the sampler's step, whose
+  matmuls are the training ones);
 - the same sequence of matmuls (every ``Linear`` of the split-weight EGNN, forward and the two
   backward products, with the same shapes) run on their own, on cache-warm random inputs: a lower
   bound that no reordering of the elementwise work (SiLU, gathers, scatters) can beat.
@@ -29,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from elign.edm.egnn import EGNNDynamics  # noqa: E402
+from elign.edm.persample import PerSampleTape  # noqa: E402
 from elign.engine.memory import configure_host_allocator  # noqa: E402
 
 
@@ -103,14 +107,22 @@ def main() -> None:
     def train() -> None:
         dyn(z, t, mask).square().sum().backward()
 
+    tape = PerSampleTape(dyn, m)
+
+    def per_sample() -> None:
+        with tape.record(0):
+            dyn(z, t, mask).square().sum().backward()
+
     print(f"EGNN {a.layers} x {a.hidden}, {m} molecules of {n} atoms per call ({e} edges), "
           f"float32, {torch.get_num_threads()} threads; ms per molecule and call:")
+    training_floor = matmul_sequence(a.layers, a.hidden, v, e, backward=True)
     for name, real, floor in (
         ("sampling forward", sample, matmul_sequence(a.layers, a.hidden, v, e, backward=False)),
-        ("training forward + backward", train, matmul_sequence(a.layers, a.hidden, v, e, backward=True)),
+        ("training forward + backward", train, training_floor),
+        ("per-sample forward + backward", per_sample, training_floor),
     ):
         real_ms, floor_ms = median_ms(real, a.repeats, m), median_ms(floor, a.repeats, m)
-        print(f"  {name + ':':29s} {real_ms:6.2f} ms; matmuls alone {floor_ms:6.2f} ms "
+        print(f"  {name + ':':31s} {real_ms:6.2f} ms; matmuls alone {floor_ms:6.2f} ms "
               f"({100 * floor_ms / real_ms:.0f} %); the rest {real_ms - floor_ms:5.2f} ms")
     big = min(2048, 8 * a.hidden)
     print(f"matmul throughput: edge layer [{e}, {a.hidden}] x [{a.hidden}, {a.hidden}] "

@@ -127,8 +127,12 @@ def main() -> None:
     total = sum(mean.values())
     b = prompts.batch_size
     print(f"seconds per iteration: {total:.2f}  (" + ", ".join(f"{p} {mean[p]:.2f}" for p in phases) + ")")
-    print(f"sampling throughput: {b / mean['rollout']:.2f} molecules/s; "
-          f"iteration throughput: {b / total:.2f} molecules/s")
+    if trainer.fused_rollout:  # the rollout phase also backpropagates: not a sampling figure
+        print("trainer.fused_rollout: the rollout takes the per-sample gradients; the update only combines them")
+        print(f"iteration throughput: {b / total:.2f} molecules/s (sampling alone: --sample-only)")
+    else:
+        print(f"sampling throughput: {b / mean['rollout']:.2f} molecules/s; "
+              f"iteration throughput: {b / total:.2f} molecules/s")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
           f"(timed over {len(rows)} iterations after {a.warmup} warm-up)")
 

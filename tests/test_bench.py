@@ -69,10 +69,28 @@ def test_egnn_floor_bench_prints_both_rows_with_matmul_shares():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "(60 edges)" in out.stdout  # 3 molecules x 5 x 4 directed pairs
-    row = re.compile(r"^\s+(\w+) .*?: +([\d.]+) ms; matmuls alone +([\d.]+) ms \((\d+) %\); the rest +(-?[\d.]+) ms$")
+    row = re.compile(r"^\s+([\w-]+) .*?: +([\d.]+) ms; matmuls alone +([\d.]+) ms \((\d+) %\); the rest +(-?[\d.]+) ms$")
     rows = [m.groups() for m in map(row.match, out.stdout.splitlines()) if m]
-    assert [r[0] for r in rows] == ["sampling", "training"]
+    assert [r[0] for r in rows] == ["sampling", "training", "per-sample"]
     for _, real, floor, share, rest in rows:
         assert float(real) > 0 and float(floor) > 0
         assert abs(float(real) - float(floor) - float(rest)) < 0.02
         assert abs(100 * float(floor) / float(real) - int(share)) <= 1
+
+
+def test_fed_grpo_bench_prints_phases_and_says_where_the_gradients_are_taken():
+    def bench(*extra: str) -> str:
+        out = subprocess.run([sys.executable, str(ROOT / "bench/fed_grpo.py"), "--layers", "1", "--hidden", "8",
+                              "--steps", "10", "--skip-prefix", "2", "--iterations", "1", "--warmup", "0",
+                              "--threads", "1", "reward=dummy", "filter=none", *extra],
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    phases = re.compile(r"^seconds per iteration: ([\d.]+) +\(rollout ([\d.]+), reward ([\d.]+), update ([\d.]+)\)$", re.M)
+    fused, replay = bench(), bench("trainer.fused_rollout=false")
+    for text in (fused, replay):
+        total, *parts = map(float, phases.search(text).groups())
+        assert abs(total - sum(parts)) < 0.02
+    assert "the rollout takes the per-sample gradients" in fused and "sampling throughput" not in fused
+    assert "sampling throughput" in replay and "per-sample" not in replay
