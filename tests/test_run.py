@@ -90,9 +90,12 @@ def _run(args, cwd, timeout=600, env_extra=None):
 @pytest.mark.parametrize("override,key", [
     ("trainer.lr_schedule.min_lr_ratio=0", "trainer.lr_schedule.min_lr_ratio"),
     ("host_allocator=jemalloc", "host_allocator"),
+    ("trainer.fused_rollout=maybe", "trainer.fused_rollout"),
+    # PBRS per-step advantages cannot be combined from per-sample gradient sums
+    ("trainer.fused_rollout=true strategy.advantage_mode=pbrs_return_to_go", "trainer.fused_rollout"),
 ])
 def test_cli_bad_value_exits_with_key_message(tmp_path, override, key):
-    out = _run([sys.executable, str(ROOT / "run.py"), override, f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    out = _run([sys.executable, str(ROOT / "run.py"), *override.split(), f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert out.returncode == 2, out.stderr[-2000:]
     assert key in out.stderr
 
