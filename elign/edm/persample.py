@@ -107,7 +107,8 @@ class PerSampleTape:
         if rows == "edge" or self._stash_steps is None:
             row = 0
             for sample, k, r in runs:
-                self._add_run(key, bias, sample, x[row : row + k * r].view(k, r, -1), grad_out[row : row + k * r].view(k, r, -1))
+                rows_x, rows_g = x[row : row + k * r], grad_out[row : row + k * r]
+                self._add_run(key, bias, sample, rows_x.view(k, r, -1), rows_g.view(k, r, -1))
                 row += k * r
             return
         stash = self._stashes.get(key)

@@ -285,7 +285,8 @@ class Trainer:
                  ("one optimizer step per iteration (grad_accum_steps: null, inner_epochs: 1)",
                   self._optimizer_steps_per_iteration() != 1),
                  ("strategy.kl_coef: 0", getattr(self.strategy, "uses_kl", False)),
-                 ("strategy.advantage_mode: terminal", getattr(self.strategy, "advantage_mode", "terminal") != "terminal")]
+                 ("strategy.advantage_mode: terminal",
+                  getattr(self.strategy, "advantage_mode", "terminal") != "terminal")]
         missing = [what for what, failed in needs if failed]
         if missing and setting is True:
             raise ConfigError("fused_rollout", True, "false, or true with " + "; ".join(missing))
@@ -300,7 +301,11 @@ class Trainer:
         logp = rollout.logp_old.detach().clone().requires_grad_(True)
         loss, stats = self.strategy.loss(logp, rollout.logp_old, advantages, mask, None, float(mask.sum().clamp_min(1)))
         loss.backward()
-        grads.accumulate(per_sample_coefficients(logp.grad, mask))
+        try:
+            coefficients = per_sample_coefficients(logp.grad, mask)
+        except ValueError as err:  # e.g. a strategy with per-step advantages that auto did not foresee
+            raise ConfigError("fused_rollout", True, f"false for this strategy ({err})") from err
+        grads.accumulate(coefficients)
         average_gradients(self.params, self.dist)
         count = max(float(stats.pop("count")), 1.0)
         out = {f"train/{k if k != 'clipped' else 'clip_frac'}": float(v) / count for k, v in stats.items()}

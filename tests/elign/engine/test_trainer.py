@@ -183,6 +183,10 @@ def test_fused_rollout_refuses_what_it_cannot_compute(tmp_path):
     with pytest.raises(ConfigError, match="advantage_mode: terminal"):
         trainer._resolve_fused(True)
     assert trainer._resolve_fused("auto") is False
+    rollout, grads = trainer.policy.rollout_with_grads(torch.zeros(4), 8)
+    per_step = torch.linspace(-1, 1, 6).expand(32, 6)  # advantages that change along a trajectory
+    with pytest.raises(ConfigError, match="fused_rollout.*per-step advantages"):
+        trainer._fused_update(rollout, per_step, grads)
     with pytest.raises(ConfigError, match="fused_rollout.*true, false or auto"):
         make_trainer(tmp_path, fused_rollout="yes")
 
