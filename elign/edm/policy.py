@@ -25,8 +25,8 @@ from elign.edm.diffusion import (
     sample_step,
 )
 from elign.edm.egnn import EGNNDynamics
-from elign.edm.persample import PerSampleTape
 from elign.edm.losses import encode_latent, noise_prediction_loss
+from elign.edm.persample import PerSampleTape
 from elign.edm.schedule import PolynomialSchedule
 from elign.engine.errors import ConfigError
 from elign.engine.rollout import Rollout
