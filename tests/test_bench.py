@@ -75,7 +75,9 @@ def test_egnn_floor_bench_prints_both_rows_with_matmul_shares():
     for _, real, floor, share, rest in rows:
         assert float(real) > 0 and float(floor) > 0
         assert abs(float(real) - float(floor) - float(rest)) < 0.02
-        assert abs(100 * float(floor) / float(real) - int(share)) <= 1
+        # The share comes from unrounded times; the printed ones are rounded to 0.01 ms.
+        r, f = float(real), float(floor)
+        assert abs(100 * f / r - int(share)) <= 1 + 100 * 0.005 * (1 / r + f / r**2)
 
 
 def test_fed_grpo_bench_prints_phases_and_says_where_the_gradients_are_taken():
