@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from elign.engine.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
 from elign.engine.distributed import DistInfo, average_gradients, reduce_mean
 from elign.engine.ema import ParameterEMA
-from elign.engine.losses import per_sample_coefficients
 from elign.engine.errors import ConfigError
+from elign.engine.losses import per_sample_coefficients
 from elign.engine.metrics import MetricsWriter, NullLogger, PhaseTimer
 from elign.engine.rollout import Filter, IdentityFilter, PerSampleGradients, Policy, PromptSource, Reward, Rollout
 
