@@ -53,6 +53,7 @@ class PerSampleTape:
         # (id(param), first column, end column) -> [B, out, cols] or [B, out] (bias) accumulators.
         self.acc: dict[tuple[int, int, int], Tensor] = {}
         self._runs: dict[str, tuple[tuple[int, int, int], ...]] | None = None
+        self._rows: dict[str, int] = {}  # rows the declared molecules cover, per kind
         self._first_sample = 0
         self._stashes: dict[tuple[int, int, int], _NodeStash] = {}
         self._stash_limit, self._step_bytes = int(stash_mib * 2**20), 0
@@ -90,6 +91,7 @@ class PerSampleTape:
             runs["edge"].append((sample, end - start, n * (n - 1)))
             start = end
         self._runs = {kind: tuple(r) for kind, r in runs.items()}
+        self._rows = {kind: sum(k * r for _, k, r in kind_runs) for kind, kind_runs in self._runs.items()}
 
     def add(self, key: tuple[int, int, int], x: Tensor, grad_out: Tensor, rows: str, bias: Tensor | None) -> None:
         """Add each sample's ``grad_out^T x`` (and bias gradient ``sum grad_out``) to its accumulator.
@@ -99,9 +101,9 @@ class PerSampleTape:
         if self._runs is None:
             raise RuntimeError("the EGNN forward did not declare its molecules (set_molecules)")
         runs = self._runs[rows]
-        covered = sum(k * r for _, k, r in runs)
-        if covered != x.shape[0]:
-            raise RuntimeError(f"{rows} rows: the declared molecules cover {covered}, the tensor has {x.shape[0]}")
+        if self._rows[rows] != x.shape[0]:
+            raise RuntimeError(f"{rows} rows: the declared molecules cover {self._rows[rows]}, "
+                               f"the tensor has {x.shape[0]}")
         if rows == "node" and self._stash_steps is None:
             self._step_bytes += (x.shape[1] + grad_out.shape[1]) * x.shape[0] * x.element_size()
         if rows == "edge" or self._stash_steps is None:

@@ -21,7 +21,8 @@ from elign.engine.ema import ParameterEMA
 from elign.engine.errors import ConfigError
 from elign.engine.losses import per_sample_coefficients
 from elign.engine.metrics import MetricsWriter, NullLogger, PhaseTimer
-from elign.engine.rollout import Filter, IdentityFilter, PerSampleGradients, Policy, PromptSource, Reward, Rollout
+from elign.engine.rollout import (Filter, FusedPolicy, IdentityFilter, PerSampleGradients, Policy, PromptSource,
+                                  Reward, Rollout)
 
 BEST_MODES = ("max", "min")
 OLD_LOGP = ("rollout", "recompute")
@@ -266,11 +267,9 @@ class Trainer:
                         for key, value in stats.items():
                             sums[key] += float(value)
                 grad_norms.append(self._optimizer_step())
-        count = max(sums.pop("count", 0.0), 1.0)
         drift_count = sums.pop("drift_count", 0.0)
         drift = sums.pop("drift_sum", 0.0) / max(drift_count, 1.0)
-        out = {f"train/{k if k != 'clipped' else 'clip_frac'}": v / count for k, v in sums.items()}
-        out["train/ratio_mean"] = out.pop("train/ratio", float("nan"))
+        out = self._loss_means(sums)
         out["train/grad_norm"] = float(np.mean(grad_norms))
         out["train/lr"] = self.scheduler.get_last_lr()[0]
         if drift_count:
@@ -281,7 +280,7 @@ class Trainer:
         """Whether to take the gradients while sampling: only where they are the update's (see __init__)."""
         if self.supervised or setting is False:
             return False
-        needs = [("a policy with rollout_with_grads", not hasattr(self.policy, "rollout_with_grads")),
+        needs = [("a policy with rollout_with_grads", not isinstance(self.policy, FusedPolicy)),
                  ("one optimizer step per iteration (grad_accum_steps: null, inner_epochs: 1)",
                   self._optimizer_steps_per_iteration() != 1),
                  ("strategy.kl_coef: 0", getattr(self.strategy, "uses_kl", False)),
@@ -307,11 +306,17 @@ class Trainer:
             raise ConfigError("fused_rollout", True, f"false for this strategy ({err})") from err
         grads.accumulate(coefficients)
         average_gradients(self.params, self.dist)
-        count = max(float(stats.pop("count")), 1.0)
-        out = {f"train/{k if k != 'clipped' else 'clip_frac'}": float(v) / count for k, v in stats.items()}
-        out["train/ratio_mean"] = out.pop("train/ratio")
+        out = self._loss_means({k: float(v) for k, v in stats.items()})
         out["train/grad_norm"] = self._optimizer_step()
         out["train/lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    @staticmethod
+    def _loss_means(sums: dict[str, float]) -> dict[str, float]:
+        """The strategy's per-pair sums as ``train/*`` means (``clipped`` -> ``clip_frac``, ``ratio`` -> ``ratio_mean``)."""
+        count = max(sums.pop("count", 0.0), 1.0)
+        out = {f"train/{k if k != 'clipped' else 'clip_frac'}": v / count for k, v in sums.items()}
+        out["train/ratio_mean"] = out.pop("train/ratio", float("nan"))
         return out
 
     @staticmethod
