@@ -60,25 +60,60 @@ def split_first_linear(
     if persample.active_tape() is not None:
         src = persample.linear(h, w, layer.bias, "node", (0, nf)).to(dtype)
         dst = persample.linear(h, w, None, "node", (nf, 2 * nf)).to(dtype)
-        pair = persample.linear(edge_attr.to(dtype), w, None, "edge", (2 * nf, w.shape[1]))
-        return pair.add_(src.index_select(0, row)).add_(dst.index_select(0, col))
-    src = F.linear(h, w[:, :nf], layer.bias).to(dtype)  # bias folded into the receiver's per-node term
-    dst = F.linear(h, w[:, nf : 2 * nf]).to(dtype)
-    w_edge, edge_attr = w[:, 2 * nf :].to(dtype), edge_attr.to(dtype)
-    if not fast_sampling_kernels(edge_attr):
-        # Gathers: their backward is an index_add, while embedding_bag's backward sorts the indices
-        # (the sort alone took ~15% of a profiled forward+backward). The in-place ops are safe for
-        # autograd: neither index_select nor addmm saves its output for backward.
-        pre = src.index_select(0, row).addmm_(edge_attr, w_edge.t())
-        return pre.add_(dst.index_select(0, col))
-    # No grad: one weighted embedding_bag sums, per edge, the two node rows and the edge-feature
-    # columns of the weight scaled by d^2 and d^2_0, in a single pass with one [E, out] allocation.
-    v, e = h.shape[0], row.shape[0]
+    else:
+        src = F.linear(h, w[:, :nf], layer.bias).to(dtype)  # bias folded into the receiver's per-node term
+        dst = F.linear(h, w[:, nf : 2 * nf]).to(dtype)
+    if torch.is_grad_enabled():
+        return _EdgeInput.apply(src, dst, edge_attr.to(dtype), w, 2 * nf, row, col)
+    return _gather_pairs(src, dst, edge_attr.to(dtype), w[:, 2 * nf :].to(dtype), row, col)
+
+
+def _gather_pairs(src: Tensor, dst: Tensor, edge_attr: Tensor, w_edge: Tensor, row: Tensor, col: Tensor) -> Tensor:
+    """``src[row] + dst[col] + edge_attr @ w_edge.T`` (``[E, out]``) in one pass: a weighted
+    ``embedding_bag`` sums, per edge, the two node rows and the edge-feature columns of the weight
+    scaled by the features, with one ``[E, out]`` allocation (the gather-then-add ops write and read
+    it three times)."""
+    v, e = src.shape[0], row.shape[0]
     table = torch.cat([src, dst, w_edge.t()], dim=0)
     feat_rows = torch.arange(2 * v, 2 * v + edge_attr.shape[1], device=row.device).expand(e, -1)
     index = torch.cat([row.unsqueeze(1), (col + v).unsqueeze(1), feat_rows], dim=1)
     weights = torch.cat([edge_attr.new_ones(e, 2), edge_attr], dim=1)
     return F.embedding_bag(index, table, per_sample_weights=weights, mode="sum")
+
+
+class _EdgeInput(torch.autograd.Function):
+    """:func:`_gather_pairs` with ``w_edge = weight[:, first:]``, differentiable.
+
+    ``embedding_bag``'s own backward sorts the indices (~15 % of a profiled forward + backward); here
+    the node gradients are two ``index_add``s. Under a per-sample tape the ``w_edge`` gradient goes
+    to the tape, per molecule, instead of to ``weight.grad``."""
+
+    @staticmethod
+    def forward(ctx, src: Tensor, dst: Tensor, edge_attr: Tensor, weight: Tensor, first: int,  # type: ignore[override]
+                row: Tensor, col: Tensor) -> Tensor:
+        w_edge = weight[:, first:].to(src.dtype)
+        ctx.save_for_backward(edge_attr, w_edge, row, col)
+        ctx.tape, ctx.key, ctx.num_nodes = persample.active_tape(), (id(weight), first, weight.shape[1]), src.shape[0]
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        return _gather_pairs(src, dst, edge_attr, w_edge, row, col)
+
+    @staticmethod
+    def backward(ctx, delta: Tensor):  # type: ignore[override]
+        edge_attr, w_edge, row, col = ctx.saved_tensors
+        need_src, need_dst, need_attr, need_weight = ctx.needs_input_grad[:4]
+        v, out = ctx.num_nodes, delta.shape[1]
+        grad_src = delta.new_zeros(v, out).index_add_(0, row, delta) if need_src else None
+        grad_dst = delta.new_zeros(v, out).index_add_(0, col, delta) if need_dst else None
+        # delta @ w_edge as a linear with the (tiny) transposed weight: MKL's [E, out] x [out, d] mm
+        # is ~4x slower for d = 2.
+        grad_attr = F.linear(delta, w_edge.t().contiguous()) if need_attr else None
+        grad_weight = None
+        if ctx.tape is not None:
+            ctx.tape.add(ctx.key, edge_attr, delta, "edge", None)
+        elif need_weight:
+            grad_weight = delta.new_zeros(ctx.weight_shape, dtype=ctx.weight_dtype)
+            grad_weight[:, ctx.key[1] :] = delta.t().mm(edge_attr)
+        return grad_src, grad_dst, grad_attr, grad_weight, None, None, None
 
 
 FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -108,19 +143,44 @@ def gated_sum(msg: Tensor, gate: Tensor | None, row: Tensor, num_nodes: int) -> 
     returned in ``msg``'s dtype.
 
     ``msg`` ``[E, nf]``, ``gate`` ``[E, 1]`` or None, ``row`` ``[E]`` grouped by value -> ``[V, nf]``.
-    Without gradients one ``embedding_bag`` over the (sorted) rows reads ``msg`` once; the plain
-    ``mul`` + ``index_add`` path writes the gated ``[E, nf]`` tensor first (~4x slower per call).
+    In float32 and float64 one ``embedding_bag`` over the (sorted) rows reads ``msg`` once; the plain
+    ``mul`` + ``index_add`` path writes the gated ``[E, nf]`` tensor first (~3x slower per call).
     """
-    if fast_sampling_kernels(msg):
-        counts = torch.bincount(row, minlength=num_nodes)
-        offsets = torch.cumsum(counts, 0) - counts
-        weights = None if gate is None else gate.reshape(-1).to(msg.dtype)
-        index = torch.arange(msg.shape[0], device=msg.device)
-        return F.embedding_bag(index, msg, offsets, mode="sum", per_sample_weights=weights)
+    if msg.dtype in (torch.float32, torch.float64) or fast_sampling_kernels(msg):
+        if gate is None:
+            gate = msg.new_ones(msg.shape[0], 1)
+        if torch.is_grad_enabled():
+            return _GatedSum.apply(msg, gate.to(msg.dtype), row, num_nodes)
+        return _bag_sum(msg, gate.to(msg.dtype), row, num_nodes)
     if gate is not None:
         msg = msg * gate
     acc = torch.promote_types(msg.dtype, torch.float32)
     return msg.new_zeros(num_nodes, msg.shape[1], dtype=acc).index_add_(0, row, msg.to(acc)).to(msg.dtype)
+
+
+def _bag_sum(msg: Tensor, gate: Tensor, row: Tensor, num_nodes: int) -> Tensor:
+    """:func:`gated_sum` as one weighted ``embedding_bag`` (``row`` sorted)."""
+    counts = torch.bincount(row, minlength=num_nodes)
+    offsets = torch.cumsum(counts, 0) - counts
+    index = torch.arange(msg.shape[0], device=msg.device)
+    return F.embedding_bag(index, msg, offsets, mode="sum", per_sample_weights=gate.reshape(-1))
+
+
+class _GatedSum(torch.autograd.Function):
+    """:func:`_bag_sum`, differentiable without ``embedding_bag``'s sorting backward."""
+
+    @staticmethod
+    def forward(ctx, msg: Tensor, gate: Tensor, row: Tensor, num_nodes: int) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(msg, gate, row)
+        return _bag_sum(msg, gate, row, num_nodes)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        msg, gate, row = ctx.saved_tensors
+        grad_rows = grad_out.index_select(0, row)
+        grad_gate = torch.linalg.vecdot(grad_rows, msg).unsqueeze(1) if ctx.needs_input_grad[1] else None
+        grad_msg = grad_rows.mul_(gate) if ctx.needs_input_grad[0] else None
+        return grad_msg, grad_gate, None, None
 
 
 def silu(x: Tensor) -> Tensor:
