@@ -1,7 +1,8 @@
 """The EGNN's per-call kernels, in three flavours chosen per call:
 
 - sampling (no autograd): single-pass oneDNN and ``embedding_bag`` kernels;
-- training (autograd): plain ops whose backward is cheap;
+- training (autograd): the same ``embedding_bag`` forwards for the edge input and the message sum,
+  as ``autograd.Function``s with ``index_add`` backwards, and plain ops elsewhere;
 - per-sample gradients (a ``persample.PerSampleTape`` is recording): every ``Linear`` goes through
   the tape, which takes each molecule's weight gradient instead of the batch's.
 """
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from elign.edm import persample
+
 
 def valid_edges(node_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Flat indices of the real atoms and of the ordered pairs of distinct real atoms.
