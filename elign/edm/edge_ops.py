@@ -149,11 +149,10 @@ def gated_sum(msg: Tensor, gate: Tensor | None, row: Tensor, num_nodes: int) -> 
     ``mul`` + ``index_add`` path writes the gated ``[E, nf]`` tensor first (~3x slower per call).
     """
     if msg.dtype in (torch.float32, torch.float64) or fast_sampling_kernels(msg):
-        if gate is None:
-            gate = msg.new_ones(msg.shape[0], 1)
+        gate = msg.new_ones(msg.shape[0], 1) if gate is None else gate.to(msg.dtype)
         if torch.is_grad_enabled():
-            return _GatedSum.apply(msg, gate.to(msg.dtype), row, num_nodes)
-        return _bag_sum(msg, gate.to(msg.dtype), row, num_nodes)
+            return _GatedSum.apply(msg, gate, row, num_nodes)
+        return _bag_sum(msg, gate, row, num_nodes)
     if gate is not None:
         msg = msg * gate
     acc = torch.promote_types(msg.dtype, torch.float32)

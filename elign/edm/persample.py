@@ -6,9 +6,11 @@ the rewards are in. If the sampler backpropagates each step's log-prob at once a
 per sample, the update needs no second forward pass: ~25 % of the iteration's FLOPs.
 
 How: inside :meth:`PerSampleTape.record`, every ``Linear`` of the EGNN runs through
-:class:`_PerSampleLinear`. Its backward returns the input gradient as usual but, instead of the
-batch's weight gradient, adds each molecule's own ``delta^T x`` (one ``bmm`` per run of
-equal-sized molecules, the same FLOPs) to that sample's accumulator. Molecules of a batch never
+:class:`_PerSampleLinear` (the first edge layer's rank-2 distance columns through
+``edge_ops._EdgeInput``, which feeds the tape the same way). Its backward returns the input
+gradient as usual but, instead of the batch's weight gradient, adds each molecule's own
+``delta^T x`` (one ``bmm`` per run of equal-sized molecules, the same FLOPs) to that sample's
+accumulator. Molecules of a batch never
 interact, so the backward of ``sum_i log p_i`` gives every row its own sample's ``delta``.
 Rows of node tensors and of edge tensors are grouped by molecule (``valid_edges``), which makes a
 run of ``k`` molecules with ``n`` atoms a ``[k, n, d]`` (nodes) or ``[k, n (n - 1), d]`` (edges) view.
@@ -41,7 +43,7 @@ class PerSampleTape:
 
     Args:
         module: the network whose parameters are tracked (all of them must be used in ``Linear``
-            maps routed through :func:`linear`).
+            maps routed through :func:`linear`, or in ``edge_ops._EdgeInput``).
         batch_size: ``B``, samples in the rollout.
         stash_mib: memory for node-level ``(x, delta)`` copies before they are folded in; the
             number of steps it holds is set after the first recorded step.
