@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from elign.edm.diffusion import (
     N_POS,
-    gaussian_kl_same_sigma,
     gaussian_log_prob,
     predict_clean,
     remove_com,
@@ -29,7 +28,7 @@ from elign.edm.losses import encode_latent, noise_prediction_loss
 from elign.edm.persample import PerSampleTape
 from elign.edm.schedule import PolynomialSchedule
 from elign.engine.errors import ConfigError
-from elign.engine.rollout import Rollout
+from elign.engine.rollout import Rollout, StepLogProbs
 
 CHARGE_SCALE = 10.0  # the charge channel holds atomic number / 10 (upstream normalize_factors)
 
@@ -219,10 +218,11 @@ class EDMPolicy:
             },
         )
 
-    def log_prob(self, rollout: Rollout, steps: Tensor, with_kl: bool) -> tuple[Tensor, Tensor | None]:
+    def log_prob(self, rollout: Rollout, steps: Tensor, with_reference: bool) -> StepLogProbs:
         """Log-probs ``[b, t]`` of the recorded transitions at columns ``steps`` (``[t]`` long), with
-        gradients, in one network call over ``b * t`` molecules; and the per-step KL ``[b, t]`` to the
-        frozen reference if ``with_kl``."""
+        gradients, in one network call over ``b * t`` molecules. With ``with_reference``, also the
+        frozen reference's means and log-probs (no grad), and the shared step std: what the
+        closed-form Gaussian KL and the k3 estimator need."""
         latents = rollout.payload["latents"]
         mask = rollout.payload["node_mask"].bool()
         b, frames, n, c = latents.shape
@@ -240,13 +240,16 @@ class EDMPolicy:
         eps = self._forward(z_t, time_t.to(z_t.dtype), mask_f, full)
         mean, sigma = reverse_step(z_t, eps, gamma_t, gamma_s)
         logp = gaussian_log_prob(z_s, mean, sigma, mask_f).view(b, t)
-        if not with_kl:
-            return logp, None
+        if not with_reference:
+            return StepLogProbs(logp=logp)
         with torch.no_grad():
             eps_ref = self.reference(z_t, time_t.to(z_t.dtype), mask_f, full)
             mean_ref, _ = reverse_step(z_t, eps_ref, gamma_t, gamma_s)
-        kl = gaussian_kl_same_sigma(mean, mean_ref, sigma, mask_f).view(b, t)
-        return logp, kl
+            ref_logp = gaussian_log_prob(z_s, mean_ref, sigma, mask_f).view(b, t)
+        std = torch.as_tensor(sigma, dtype=mean.dtype, device=mean.device).expand(b * t).reshape(b, t)
+        return StepLogProbs(logp=logp, ref_logp=ref_logp, mean=mean.view(b, t, n, c),
+                            ref_mean=mean_ref.view(b, t, n, c), std=std,
+                            event_mask=mask_f.view(b, t, n, 1).to(mean.dtype))
 
     def supervised_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         """EDM's noise-prediction loss on a data batch (pretraining), through the same forward

@@ -26,6 +26,9 @@ class Rollout:
         logp_old: ``[B, T]`` log-probability of each recorded action under the sampling policy.
         step_mask: ``[B, T]`` bool; True where the step is trained (e.g. False on a shared prefix).
         payload: domain tensors whose leading dimension is ``B`` (latents, atoms, token ids, ...).
+        group_payload: domain tensors whose leading dimension is ``P``, one row per group, computed
+            once per prompt (e.g. a structure trunk's embeddings); ``group_ids`` index their rows,
+            so they must lie in ``[0, P)``.
         info: batch-level values that are not per sample (e.g. step times, metrics to log).
     """
 
@@ -34,6 +37,7 @@ class Rollout:
     step_mask: Tensor
     payload: dict[str, Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    group_payload: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         b, t = self.logp_old.shape
@@ -44,6 +48,13 @@ class Rollout:
         for key, value in self.payload.items():
             if value.shape[0] != b:
                 raise ValueError(f"payload[{key!r}] has leading dim {value.shape[0]}, expected B={b}")
+        if self.group_payload:
+            sizes = {key: value.shape[0] for key, value in self.group_payload.items()}
+            p = next(iter(sizes.values()))
+            if any(n != p for n in sizes.values()):
+                raise ValueError(f"group_payload tensors must share their leading dim P; got {sizes}")
+            if b and (int(self.group_ids.min()) < 0 or int(self.group_ids.max()) >= p):
+                raise ValueError(f"with a group_payload of P={p} rows, group_ids must lie in [0, {p})")
 
     @property
     def batch_size(self) -> int:
@@ -53,15 +64,49 @@ class Rollout:
     def num_steps(self) -> int:
         return self.logp_old.shape[1]
 
+    @property
+    def num_groups(self) -> int:
+        return int(self.group_ids.unique().numel())
+
     def select(self, index: Tensor) -> "Rollout":
-        """Sub-batch of samples ``index`` (``[b]`` long); ``info`` is shared, not copied."""
+        """Sub-batch of samples ``index`` (``[b]`` long); ``info`` is shared, not copied.
+
+        With a ``group_payload``, the sub-batch keeps the rows of the groups it touches (in
+        ascending group order) and its ``group_ids`` are renumbered to index them."""
+        group_ids, group_payload = self.group_ids[index], self.group_payload
+        if group_payload:
+            groups, group_ids = torch.unique(group_ids, sorted=True, return_inverse=True)
+            group_payload = {k: v[groups] for k, v in group_payload.items()}
         return replace(
             self,
-            group_ids=self.group_ids[index],
+            group_ids=group_ids,
             logp_old=self.logp_old[index],
             step_mask=self.step_mask[index],
             payload={k: v[index] for k, v in self.payload.items()},
+            group_payload=group_payload,
         )
+
+
+@dataclass
+class StepLogProbs:
+    """What :meth:`Policy.log_prob` returns for a micro-batch and step chunk.
+
+    Attributes:
+        logp: ``[b, t]`` log-probs of the recorded actions under the current policy (with grad).
+        ref_logp: ``[b, t]`` the same under the reference policy (no grad), for sampled-action KL
+            estimators (k3); None when not asked for or not available.
+        mean, ref_mean: ``[b, t, ...]`` means of each step's Gaussian action distribution under the
+            current and the reference policy, for the closed-form Gaussian KL; None otherwise.
+        std: ``[b, t]`` the (shared, parameter-free) standard deviation of each step's Gaussian.
+        event_mask: broadcastable to ``mean``; the action dimensions that exist (e.g. real atoms).
+    """
+
+    logp: Tensor
+    ref_logp: Tensor | None = None
+    mean: Tensor | None = None
+    ref_mean: Tensor | None = None
+    std: Tensor | None = None
+    event_mask: Tensor | None = None
 
 
 @dataclass
@@ -116,9 +161,10 @@ class Policy(Protocol):
     def rollout(self, prompts: Any, group_size: int) -> Rollout:
         """Sample ``group_size`` trajectories per prompt, without gradients."""
 
-    def log_prob(self, rollout: Rollout, steps: Tensor, with_kl: bool) -> tuple[Tensor, Tensor | None]:
+    def log_prob(self, rollout: Rollout, steps: Tensor, with_reference: bool) -> StepLogProbs:
         """Log-probs ``[b, t]`` of the recorded actions at ``steps`` (``[t]`` long) with gradients,
-        and, if ``with_kl``, the per-step KL ``[b, t]`` to the frozen reference policy."""
+        and, if ``with_reference``, the reference terms the KL estimators need (``ref_logp``,
+        and for Gaussian policies the means and std)."""
 
     def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
         """Route forward passes through ``wrap(module)`` (e.g. DistributedDataParallel)."""

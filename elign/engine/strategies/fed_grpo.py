@@ -11,10 +11,11 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from elign.engine.advantages import fed_advantages, pbrs_return_to_go, replace_failures
+from elign.engine.advantages import fed_advantages, pbrs_return_to_go
 from elign.engine.errors import ConfigError
-from elign.engine.losses import clipped_surrogate, masked_sum
-from elign.engine.rollout import RewardOutput, Rollout
+from elign.engine.losses import clipped_surrogate, gaussian_kl_same_std, masked_sum
+from elign.engine.rollout import Rollout
+from elign.engine.strategies.base import LossInputs, ScoredRewards
 
 ADVANTAGE_MODES = ("terminal", "pbrs_return_to_go")
 
@@ -22,7 +23,9 @@ ADVANTAGE_MODES = ("terminal", "pbrs_return_to_go")
 class FedGRPOStrategy:
     """Disentangled group normalisation per reward channel, clipped surrogate, KL to a reference."""
 
+    kind = "rl"
     min_group_size = 2  # a group of one has no relative signal
+    needs_whole_sequences = False  # per-step ratios: chunks of steps add up
 
     def __init__(
         self,
@@ -34,7 +37,6 @@ class FedGRPOStrategy:
         std_eps: float,
         clip_range: float,
         kl_coef: float,
-        failure_penalty: float,
     ) -> None:
         """
         Args:
@@ -47,7 +49,6 @@ class FedGRPOStrategy:
             std_eps: epsilon added to the group standard deviation.
             clip_range: PPO ratio clip epsilon.
             kl_coef: weight beta of the KL to the frozen reference (0 = no reference pass).
-            failure_penalty: reward given to a sample whose evaluation failed (NaN channel value).
         """
         if advantage_mode not in ADVANTAGE_MODES:
             raise ConfigError("advantage_mode", advantage_mode, ADVANTAGE_MODES)
@@ -69,79 +70,61 @@ class FedGRPOStrategy:
         self.std_eps = float(std_eps)
         self.clip_range = float(clip_range)
         self.kl_coef = float(kl_coef)
-        self.failure_penalty = float(failure_penalty)
 
     @property
-    def uses_kl(self) -> bool:
+    def uses_reference(self) -> bool:
         return self.kl_coef > 0
+
+    @property
+    def terminal_advantages(self) -> bool:
+        return self.advantage_mode == "terminal"
 
     def weight(self, channel: str) -> float:
         return self.channel_weights.get(channel, self.default_weight)
 
-    def advantages(self, reward: RewardOutput, rollout: Rollout) -> tuple[Tensor, dict[str, float]]:
-        """``[B, T]`` advantages from the reward channels, and the reward/advantage metrics.
+    def reward_weights(self, channels: list[str]) -> dict[str, float]:
+        return {name: self.weight(name) for name in channels}
 
-        Failed samples (NaN) get ``failure_penalty`` in that channel and are counted.
-        """
-        metrics: dict[str, float] = {}
-        channels: dict[str, Tensor] = {}
+    def advantages(self, rewards: ScoredRewards, rollout: Rollout) -> tuple[Tensor, dict[str, float]]:
+        """``[B, T]`` advantages from the scored reward channels, and advantage diagnostics."""
+        device = rollout.logp_old.device
+        channels = {name: values.to(device, torch.float64) for name, values in rewards.channels.items()}
         returns: dict[str, Tensor] = {}
-        total = 0.0
-        for name, raw in reward.channels.items():
-            raw = raw.to(rollout.logp_old.device, torch.float64)
-            ok = ~torch.isnan(raw)
-            metrics[f"reward/{name}"] = raw[ok].mean().item() if ok.any() else float("nan")
-            metrics[f"reward/{name}_std"] = raw[ok].std(unbiased=False).item() if ok.any() else float("nan")
-            values, n_failed = replace_failures(raw, self.failure_penalty)
-            metrics[f"reward/{name}_failed"] = float(n_failed)
-            channels[name] = values
-            total += self.weight(name) * values.mean().item()
-            if self.advantage_mode == "pbrs_return_to_go" and name in reward.potentials:
-                potentials, _ = replace_failures(reward.potentials[name].to(values), self.failure_penalty)
-                returns[name] = pbrs_return_to_go(potentials, values, reward.potential_mask, self.pbrs_gamma)
-        metrics["reward/total"] = total
-        for reason, count in reward.failures.items():
-            metrics[f"reward/failed_{reason}"] = float(count)
-        # Names with a group ("rollout/validity") are logged as they are, others under reward/.
-        metrics.update({(k if "/" in k else f"reward/{k}"): float(v) for k, v in reward.metrics.items()})
-
-        keep = None if reward.keep is None else reward.keep.to(rollout.logp_old.device)
-        evaluated = None if reward.potential_mask is None else reward.potential_mask.to(rollout.logp_old.device)
+        if self.advantage_mode == "pbrs_return_to_go":
+            for name, potentials in rewards.potentials.items():
+                returns[name] = pbrs_return_to_go(potentials.to(channels[name]), channels[name],
+                                                  rewards.potential_mask, self.pbrs_gamma)
+        keep = rewards.keep.to(device)
+        evaluated = None if rewards.potential_mask is None else rewards.potential_mask.to(device)
         adv = fed_advantages(
-            channels, {n: self.weight(n) for n in channels}, rollout.group_ids, rollout.num_steps,
-            returns=returns, evaluated=evaluated, keep=keep, clip=self.adv_clip, eps=self.std_eps,
+            channels, self.reward_weights(list(channels)), rollout.group_ids, rollout.num_steps,
+            returns=returns, evaluated=evaluated, keep=None if keep.all() else keep, clip=self.adv_clip,
+            eps=self.std_eps,
         ).to(rollout.logp_old.dtype)
-        trained = rollout.step_mask if keep is None else rollout.step_mask & keep.unsqueeze(1)
+        metrics: dict[str, float] = {}
+        trained = rollout.step_mask & keep.unsqueeze(1)
         if trained.any():
             a = adv[trained]
             metrics["train/adv_abs_mean"] = a.abs().mean().item()
             metrics["train/adv_zero_frac"] = (a == 0).float().mean().item()
-        if keep is not None:
-            metrics["rollout/kept_frac"] = keep.float().mean().item()
         return adv, metrics
 
-    def loss(
-        self, logp: Tensor, logp_old: Tensor, adv: Tensor, mask: Tensor, kl: Tensor | None, denom: float
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Loss of one micro-batch and step chunk, already divided by ``denom`` (the number of
-        trained (sample, step) pairs of the whole optimizer step, so chunks add up to a mean).
-
-        Args:
-            logp, logp_old, adv: ``[b, t]``.
-            mask: ``[b, t]`` bool, trained pairs.
-            kl: ``[b, t]`` KL to the reference, or None.
-            denom: normaliser.
-
-        Returns:
-            ``(loss, sums)``; ``sums`` are detached sums over masked pairs (``count``, ``loss``,
-            ``clipped``, ``kl``, ``ratio``) that the trainer turns into means.
-        """
+    def loss(self, batch: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        """Clipped surrogate plus ``kl_coef`` times the closed-form Gaussian KL, summed over the
+        trained pairs and divided by this rank's trained pairs of the optimizer step (``bnpo``)."""
+        adv = batch.advantages
         if self.adv_clip is not None:
             adv = adv.clamp(-self.adv_clip, self.adv_clip)
-        per_pair, ratio, clipped = clipped_surrogate(logp, logp_old, adv, self.clip_range)
-        if kl is not None and self.kl_coef > 0:
+        per_pair, ratio, clipped = clipped_surrogate(batch.logp, batch.logp_old, adv, self.clip_range)
+        kl = None
+        if batch.reference is not None and self.kl_coef > 0:
+            ref = batch.reference
+            b, t = batch.logp.shape
+            kl = gaussian_kl_same_std(ref.mean.flatten(0, 1), ref.ref_mean.flatten(0, 1), ref.std.reshape(-1),
+                                      ref.event_mask.flatten(0, 1)).view(b, t)
             per_pair = per_pair + self.kl_coef * kl
-        loss = masked_sum(per_pair, mask) / denom
+        mask = batch.mask
+        loss = masked_sum(per_pair, mask) / max(batch.counts.tokens, 1.0)
         m = mask.to(per_pair.dtype)
         sums = {
             "count": m.sum().detach(),
