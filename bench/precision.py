@@ -29,7 +29,7 @@ def policy_gradient(policy, rollout, adv: torch.Tensor, cols: torch.Tensor, chun
     policy.module.zero_grad()
     drift = []
     for c in cols.split(chunk):
-        logp, _ = policy.log_prob(rollout, c, with_kl=False)
+        logp = policy.log_prob(rollout, c, with_reference=False).logp
         (adv[:, None] * logp).sum().backward()
         drift.append((logp.detach() - rollout.logp_old[:, c]).abs().mean().item())
     grad = torch.cat([p.grad.flatten() for p in policy.module.parameters()])

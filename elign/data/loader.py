@@ -1,19 +1,17 @@
 """An endless, resumable stream of shuffled mini-batches for supervised training.
 
-Each epoch is a fresh permutation drawn from ``(seed, epoch)`` with a private generator, so the
-stream does not depend on (or disturb) the global RNG, and ``state_dict()`` = (epoch, position)
-is enough to resume exactly where a run stopped.
+The order (per-epoch permutations, rank shards, resumable position) is the engine's
+``ShardedBatchOrder``; this class adds the dataset and the collate function.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Sequence
 
-import torch
 from torch.utils.data import Dataset
 
 from elign.data.dataset import collate_qm9
-from elign.engine.errors import ConfigError
+from elign.engine.sampler import ShardedBatchOrder
 
 
 class MoleculeBatches:
@@ -31,35 +29,22 @@ class MoleculeBatches:
             drop_last: skip the last incomplete batch of each epoch (constant batch size).
             collate: list of items -> batch.
         """
-        n = len(dataset)  # type: ignore[arg-type]
-        if batch_size < 1 or (drop_last and batch_size > n):
-            raise ConfigError("batch_size", batch_size, f"an integer in [1, {n}] (the dataset size)")
-        self.dataset, self.batch_size, self.seed = dataset, int(batch_size), int(seed)
-        self.drop_last, self.collate = drop_last, collate
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation(0)
+        self.dataset, self.collate = dataset, collate
+        self.order = ShardedBatchOrder(len(dataset), batch_size, seed, drop_last)  # type: ignore[arg-type]
+        self.batch_size = int(batch_size)
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.dataset), generator=g)  # type: ignore[arg-type]
+    def shard(self, rank: int, world_size: int) -> None:
+        """Under torchrun: this rank takes its own slice of each global batch (see ``ShardedBatchOrder``)."""
+        self.order.shard(rank, world_size)
 
     def __iter__(self) -> Iterator[Any]:
         return self
 
     def __next__(self) -> Any:
-        n = len(self._order)
-        end = self.position + self.batch_size
-        if end > n and (self.drop_last or self.position >= n):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._permutation(self.epoch)
-            end = self.batch_size
-        index = self._order[self.position:min(end, n)]
-        self.position = min(end, n)
-        return self.collate([self.dataset[int(i)] for i in index])
+        return self.collate([self.dataset[int(i)] for i in self.order.next_indices()])
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        return self.order.state_dict()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._permutation(self.epoch)
+        self.order.load_state_dict(state)

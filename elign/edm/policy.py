@@ -264,7 +264,7 @@ class EDMPolicy:
         x0 = encode_latent(batch["positions"].to(device, self.dtype), batch["one_hot"].to(device),
                            batch["charges"].to(device).reshape(mask.shape), mask)
         loss = noise_prediction_loss(self._forward, self.schedule, x0, mask)
-        return loss, {"atoms_per_molecule": float(mask.sum(1).double().mean())}
+        return loss, {"atoms_per_molecule": float(mask.sum(1).double().mean()), "num_samples": float(mask.shape[0])}
 
     # ------------------------------------------------------------------ sampling internals
 

@@ -88,3 +88,13 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
+    """Each value summed over ranks (float64, one collective); the values themselves when not distributed."""
+    if not info.enabled:
+        return list(values)
+    backend_device = info.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=backend_device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()

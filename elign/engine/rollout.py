@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from elign.engine.losses import gaussian_kl_same_std
+
 
 @dataclass
 class Rollout:
@@ -107,6 +109,15 @@ class StepLogProbs:
     ref_mean: Tensor | None = None
     std: Tensor | None = None
     event_mask: Tensor | None = None
+
+    def gaussian_kl(self) -> Tensor:
+        """``[b, t]`` closed-form ``KL(pi_theta || pi_ref)`` of each step's Gaussian (shared std)."""
+        if self.mean is None or self.ref_mean is None or self.std is None:
+            raise ValueError("the policy returned no Gaussian means: use a sampled-action KL estimator (k3)")
+        b, t = self.logp.shape
+        mask = torch.ones_like(self.mean) if self.event_mask is None else self.event_mask
+        return gaussian_kl_same_std(self.mean.flatten(0, 1), self.ref_mean.flatten(0, 1), self.std.reshape(-1),
+                                    mask.flatten(0, 1)).view(b, t)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from elign.engine.advantages import fed_advantages, pbrs_return_to_go
 from elign.engine.errors import ConfigError
-from elign.engine.losses import clipped_surrogate, gaussian_kl_same_std, masked_sum
+from elign.engine.losses import clipped_surrogate, masked_sum
 from elign.engine.rollout import Rollout
 from elign.engine.strategies.base import LossInputs, ScoredRewards
 
@@ -37,6 +37,7 @@ class FedGRPOStrategy:
         std_eps: float,
         clip_range: float,
         kl_coef: float,
+        kl_estimator: str = "gaussian",
     ) -> None:
         """
         Args:
@@ -49,6 +50,8 @@ class FedGRPOStrategy:
             std_eps: epsilon added to the group standard deviation.
             clip_range: PPO ratio clip epsilon.
             kl_coef: weight beta of the KL to the frozen reference (0 = no reference pass).
+            kl_estimator: "gaussian" (closed form from the step means, exact for Gaussian policies)
+                or "k3" (``exp(ref - logp) - (ref - logp) - 1`` from the sampled actions' log-probs).
         """
         if advantage_mode not in ADVANTAGE_MODES:
             raise ConfigError("advantage_mode", advantage_mode, ADVANTAGE_MODES)
@@ -70,6 +73,9 @@ class FedGRPOStrategy:
         self.std_eps = float(std_eps)
         self.clip_range = float(clip_range)
         self.kl_coef = float(kl_coef)
+        if kl_estimator not in ("gaussian", "k3"):
+            raise ConfigError("kl_estimator", kl_estimator, ("gaussian", "k3"))
+        self.kl_estimator = kl_estimator
 
     @property
     def uses_reference(self) -> bool:
@@ -119,9 +125,11 @@ class FedGRPOStrategy:
         kl = None
         if batch.reference is not None and self.kl_coef > 0:
             ref = batch.reference
-            b, t = batch.logp.shape
-            kl = gaussian_kl_same_std(ref.mean.flatten(0, 1), ref.ref_mean.flatten(0, 1), ref.std.reshape(-1),
-                                      ref.event_mask.flatten(0, 1)).view(b, t)
+            if self.kl_estimator == "gaussian":
+                kl = ref.gaussian_kl()
+            else:
+                delta = ref.ref_logp - batch.logp
+                kl = torch.exp(delta) - delta - 1.0
             per_pair = per_pair + self.kl_coef * kl
         mask = batch.mask
         loss = masked_sum(per_pair, mask) / max(batch.counts.tokens, 1.0)

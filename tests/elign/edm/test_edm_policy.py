@@ -69,8 +69,11 @@ def test_logp_old_equals_recomputed_log_prob_float32() -> None:
     policy = _policy(skip_prefix=2)
     ro = policy.rollout(torch.tensor([5, 9, 3]), group_size=2)
     assert ro.payload["latents"].abs().max() < 20
-    logp, kl = policy.log_prob(ro, torch.arange(T), with_kl=True)
+    out = policy.log_prob(ro, torch.arange(T), with_reference=True)
+    logp, kl = out.logp, out.gaussian_kl()
     assert logp.requires_grad
+    # the reference is the same network here: its log-probs are the policy's
+    torch.testing.assert_close(out.ref_logp, logp.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(logp.detach(), ro.logp_old, atol=1e-4, rtol=0)
     torch.testing.assert_close(kl.detach(), torch.zeros_like(kl), atol=1e-6, rtol=0)
 
@@ -81,7 +84,7 @@ def test_logp_old_equals_recomputed_log_prob_random_net_float64() -> None:
     policy.reference.double()
     ro = policy.rollout(torch.tensor([5, 7]), group_size=2)
     steps = torch.tensor([7, 0, 3])
-    logp, _ = policy.log_prob(ro, steps, with_kl=False)
+    logp = policy.log_prob(ro, steps, with_reference=False).logp
     torch.testing.assert_close(logp.detach(), ro.logp_old[:, steps], atol=1e-6, rtol=0)
 
 
@@ -94,8 +97,8 @@ def test_log_prob_invariant_to_global_translation() -> None:
     lat[..., :3] += shift * shifted.payload["node_mask"][:, None, :, None]
     shifted.payload["latents"] = lat
     steps = torch.arange(T)
-    a, _ = policy.log_prob(ro, steps, with_kl=False)
-    b, _ = policy.log_prob(shifted, steps, with_kl=False)
+    a = policy.log_prob(ro, steps, with_reference=False).logp
+    b = policy.log_prob(shifted, steps, with_reference=False).logp
     torch.testing.assert_close(a, b, atol=2e-4, rtol=0)
 
 
@@ -129,7 +132,7 @@ def test_rollout_in_chunks_keeps_groups_together() -> None:
     assert lat.shape == (6, T + 1, 8, 9) and ro.payload["node_mask"].sum(1).tolist() == [3, 3, 8, 8, 5, 5]
     for g in range(3):
         assert torch.equal(lat[2 * g, :3], lat[2 * g + 1, :3])
-    logp, _ = policy.log_prob(ro, torch.arange(T), with_kl=False)
+    logp = policy.log_prob(ro, torch.arange(T), with_reference=False).logp
     torch.testing.assert_close(logp.detach(), ro.logp_old, atol=1e-4, rtol=0)
 
 
@@ -163,8 +166,11 @@ def test_kl_and_gradients_after_an_update() -> None:
         for p in policy.module.parameters():
             p.add_(0.05 * torch.randn_like(p))
     steps = torch.tensor([2, 5, 9])
-    logp, kl = policy.log_prob(ro, steps, with_kl=True)
+    out = policy.log_prob(ro, steps, with_reference=True)
+    logp, kl = out.logp, out.gaussian_kl()
     assert kl.shape == (4, 3) and (kl > 0).all()
+    # both policies share the step std, so log p - log p_ref = (|z - mu_ref|^2 - |z - mu|^2) / (2 s^2)
+    assert not torch.allclose(out.ref_logp, logp.detach())
     (logp.sum() - kl.sum()).backward()
     grads = [p.grad for p in policy.module.parameters()]
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
@@ -186,7 +192,7 @@ def test_distribute_routes_log_prob_through_wrapper() -> None:
     policy = _policy()
     policy.distribute(Wrapper)
     ro = policy.rollout(torch.tensor([4]), group_size=2)
-    policy.log_prob(ro, torch.tensor([1, 2, 3]), with_kl=False)
+    policy.log_prob(ro, torch.tensor([1, 2, 3]), with_reference=False)
     assert calls == [2 * 3]  # one forward over b * t molecules
 
 

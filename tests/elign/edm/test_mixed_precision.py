@@ -51,7 +51,7 @@ def test_bfloat16_training_forward_is_reproducible_for_the_same_chunk():
     policy = run_module.build(cfg, "model")
     rollout = policy.rollout(torch.tensor([7, 11]), 4).select(torch.arange(2, 6))
     cols = torch.arange(2, 7)
-    first, second = (policy.log_prob(rollout, cols, with_kl=False)[0].detach() for _ in range(2))
+    first, second = (policy.log_prob(rollout, cols, with_reference=False).logp.detach() for _ in range(2))
     assert torch.equal(first, second)
     assert (first - rollout.logp_old[:, cols]).abs().max() > 0  # the sampler's record does differ
     assert first.dtype == torch.float32
@@ -80,7 +80,7 @@ def test_full_precision_steps_run_exactly_as_float32():
         rollouts.append(policy.rollout(torch.tensor([6, 9]), 2))
     assert torch.equal(rollouts[0].payload["latents"], rollouts[1].payload["latents"])
     cols = torch.arange(10)
-    assert torch.equal(full.log_prob(rollouts[0], cols, False)[0], bf16_all.log_prob(rollouts[0], cols, False)[0])
+    assert torch.equal(full.log_prob(rollouts[0], cols, False).logp, bf16_all.log_prob(rollouts[0], cols, False).logp)
 
 
 def test_only_the_last_steps_run_in_full_precision():
@@ -88,7 +88,7 @@ def test_only_the_last_steps_run_in_full_precision():
     torch.manual_seed(5)
     rollout = full.rollout(torch.tensor([6, 9]), 2)
     cols = torch.arange(6, 10)  # one call spanning both precisions: split per molecule inside the module
-    a, b = full.log_prob(rollout, cols, False)[0].detach(), mixed.log_prob(rollout, cols, False)[0]
+    a, b = full.log_prob(rollout, cols, False).logp.detach(), mixed.log_prob(rollout, cols, False).logp
     assert torch.equal(a[:, 2:], b[:, 2:].detach()), "the last two columns are float32"
     assert not torch.equal(a[:, :2], b[:, :2].detach()), "the earlier ones are bfloat16"
     b.sum().backward()  # the split forward is differentiable

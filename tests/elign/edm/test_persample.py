@@ -125,7 +125,7 @@ def test_rollout_with_grads_equals_the_replayed_policy_gradient() -> None:
     got = [p.grad.clone() for p in policy.module.parameters()]
     policy.module.zero_grad(set_to_none=True)
     steps = torch.arange(10)
-    logp, _ = policy.log_prob(fused, steps, with_kl=False)
+    logp = policy.log_prob(fused, steps, with_reference=False).logp
     (weights[:, None] * logp * fused.step_mask).sum().backward()
     for (name, p), g in zip(policy.module.named_parameters(), got):
         torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-9, msg=name)

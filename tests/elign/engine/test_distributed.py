@@ -37,16 +37,16 @@ def one_update(info: DistInfo, index: torch.Tensor, tmp: str, inner_epochs: int 
     policy = FusedCategoricalPolicy(num_steps=T, vocab=4)
     with torch.no_grad():
         policy.module.logits.copy_(torch.randn(T, 4, generator=torch.Generator().manual_seed(1)))
-    strategy = FedGRPOStrategy({"score": 1.0}, 1.0, "terminal", 1.0, None, 1e-8, 0.2, 0.0, -1.0)
+    strategy = FedGRPOStrategy({"score": 1.0}, 1.0, "terminal", 1.0, None, 1e-8, 0.2, 0.0)
     trainer = Trainer(policy, strategy, TargetTokenReward(), ToyPrompts(len(index), 4), tmp, info,
                       functools.partial(torch.optim.SGD, lr=1.0), ConstantSchedule(0), 1, len(index), 3, 1,
                       inner_epochs, None, 1, None, "max", None, 0, False, fused_rollout=fused)
     rollout, adv = fixed_batch()
     if fused:  # one advantage per sample
         rollout = rollout.select(index)
-        trainer._fused_update(rollout, adv[index, :1].expand(-1, T), policy.gradients(rollout))
+        trainer.fused_update(rollout, adv[index, :1].expand(-1, T), policy.gradients(rollout))
     else:
-        trainer._update(rollout.select(index), adv[index])
+        trainer.replay(rollout.select(index), adv[index])
     return policy.module.logits.detach().clone()
 
 

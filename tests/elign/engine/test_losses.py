@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from elign.engine.losses import clipped_surrogate, gaussian_kl_same_std, per_sample_coefficients
+from elign.engine.rollout import StepLogProbs
+from elign.engine.strategies.base import BatchCounts, LossInputs
 from elign.engine.strategies.fed_grpo import FedGRPOStrategy
 
 
@@ -45,7 +47,7 @@ def test_gaussian_kl_respects_mask():
 
 def make_strategy(**kw):
     args = dict(channel_weights={"a": 1.0}, default_weight=1.0, advantage_mode="terminal", pbrs_gamma=1.0,
-                adv_clip=5.0, std_eps=1e-8, clip_range=0.2, kl_coef=0.5, failure_penalty=-5.0)
+                adv_clip=5.0, std_eps=1e-8, clip_range=0.2, kl_coef=0.5)
     args.update(kw)
     return FedGRPOStrategy(**args)
 
@@ -54,9 +56,13 @@ def test_strategy_loss_adds_kl_and_normalises_by_denominator():
     s = make_strategy()
     logp = torch.zeros(2, 2)
     adv = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
-    kl = torch.full((2, 2), 2.0)
+    # Gaussian steps with |mu - mu_ref| = 2 in one dimension and std 1: KL = 2^2 / 2 = 2 per pair
+    reference = StepLogProbs(logp=logp, mean=torch.full((2, 2, 1), 2.0), ref_mean=torch.zeros(2, 2, 1),
+                             std=torch.ones(2, 2))
     mask = torch.tensor([[True, True], [True, False]])
-    loss, sums = s.loss(logp, torch.zeros(2, 2), adv, mask, kl, denom=6.0)
+    counts = BatchCounts(tokens=6.0, sequences=2, samples=2, global_tokens=6.0, global_sequences=2, world_size=1,
+                         max_steps=2)
+    loss, sums = s.loss(LossInputs(logp, torch.zeros(2, 2), adv, mask, mask.sum(1), counts, reference))
     # per pair: -A*1 + 0.5*2 -> [0, 0], [2, (2)] ; masked sum = 2 ; / 6
     torch.testing.assert_close(loss, torch.tensor(2.0 / 6.0))
     assert float(sums["count"]) == 3.0 and float(sums["kl"]) == 6.0 and float(sums["clipped"]) == 0.0

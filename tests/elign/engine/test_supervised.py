@@ -4,6 +4,7 @@ weights, and a resumed run (data position included) is bitwise equal to an unint
 import functools
 import json
 
+import pytest
 import torch
 
 from elign.data.loader import MoleculeBatches
@@ -18,14 +19,14 @@ from tests.elign.engine.toy import CategoricalPolicy, TargetTokenReward
 DATA = [torch.where(torch.rand(6, generator=torch.Generator().manual_seed(i)) < 0.8, 2, 1) for i in range(40)]
 
 
-def make(run_dir, iterations, resume=None, evaluator=None):
+def make(run_dir, iterations, resume=None, evaluator=None, batch_size=8, grad_accum_steps=1):
     torch.manual_seed(0)
     policy = CategoricalPolicy(num_steps=6, vocab=4)
-    data = MoleculeBatches(DATA, batch_size=8, seed=3, collate=torch.stack)
+    data = MoleculeBatches(DATA, batch_size=batch_size, seed=3, collate=torch.stack)
     return Trainer(policy=policy, strategy=SupervisedStrategy(), reward=TargetTokenReward(), dataloader=data,
                    run_dir=run_dir, dist=SINGLE, optimizer=functools.partial(torch.optim.AdamW, lr=0.2),
                    lr_schedule=WarmupCosineSchedule(2, None, 0.1), max_iterations=iterations, micro_batch_size=8,
-                   step_chunk_size=None, grad_accum_steps=1, inner_epochs=1, max_grad_norm=1.0, save_interval=2,
+                   step_chunk_size=None, grad_accum_steps=grad_accum_steps, inner_epochs=1, max_grad_norm=1.0, save_interval=2,
                    best_metric="eval/p_target" if evaluator else None, best_mode="max", resume=resume, seed=0,
                    progress=False, ema_decay=0.9, eval_interval=3 if evaluator else 0, evaluator=evaluator)
 
@@ -60,3 +61,21 @@ def test_supervised_resume_is_bitwise_including_data_position(tmp_path):
     assert torch.equal(straight.policy.module.logits, resumed.policy.module.logits)
     assert torch.equal(straight.ema.shadow["logits"], resumed.ema.shadow["logits"])
     assert straight.prompts.state_dict() == resumed.prompts.state_dict()
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    """Two accumulated batches of 4 take the step of one batch of 8 (the same 8 samples, in order)."""
+    runs = {}
+    for batch_size, accum in ((8, 1), (4, 2)):
+        trainer = make(tmp_path / str(accum), 5, batch_size=batch_size, grad_accum_steps=accum)
+        trainer.fit()
+        rows = [json.loads(x) for x in (tmp_path / str(accum) / "metrics.jsonl").read_text().splitlines()]
+        runs[accum] = (trainer.policy.module.logits.detach(), rows, trainer.prompts.state_dict())
+    (big, rows_big, state_big), (small, rows_small, state_small) = runs[1], runs[2]
+    assert big.abs().max() > 0.1, "the policy moved"
+    torch.testing.assert_close(small, big, rtol=1e-5, atol=1e-6)
+    assert state_small["position"] == state_big["position"] and state_small["epoch"] == state_big["epoch"]
+    for a, b in zip(rows_big, rows_small):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+        assert b["train/nll"] == pytest.approx(a["train/nll"], rel=1e-5)
+        assert b["train/samples_per_s"] > 0 and b["train/tokens_per_s"] == pytest.approx(6 * b["train/samples_per_s"])

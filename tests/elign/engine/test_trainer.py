@@ -12,6 +12,7 @@ from elign.engine.errors import ConfigError
 from elign.engine.schedule import ConstantSchedule
 from elign.engine.strategies.fed_grpo import FedGRPOStrategy
 from elign.engine.trainer import Trainer
+from elign.engine.updates import fused_applies
 from tests.elign.engine.toy import CategoricalPolicy, FusedCategoricalPolicy, TargetTokenReward, ToyPrompts
 
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -22,7 +23,7 @@ def make_trainer(run_dir, max_iterations=20, resume=None, lr=0.1, kl_coef=0.0, p
     policy = (policy_cls or CategoricalPolicy)(num_steps=6, vocab=4)
     strategy = FedGRPOStrategy(channel_weights={"score": 1.0}, default_weight=1.0, advantage_mode="terminal",
                                pbrs_gamma=1.0, adv_clip=5.0, std_eps=1e-8, clip_range=0.2, kl_coef=kl_coef,
-                               failure_penalty=-1.0)
+                               kl_estimator="k3")
     args = dict(policy=policy, strategy=strategy, reward=TargetTokenReward(), dataloader=ToyPrompts(32, 8),
                 run_dir=run_dir, dist=SINGLE, optimizer=functools.partial(torch.optim.AdamW, lr=lr),
                 lr_schedule=ConstantSchedule(0), max_iterations=max_iterations, micro_batch_size=8,
@@ -142,8 +143,8 @@ def test_recompute_pass_serves_several_optimizer_steps(tmp_path):
     steps = torch.arange(6)
     micro, chunks = torch.arange(32).split(8), steps.split(4)
     sums = {"drift_sum": 0.0, "drift_count": 0.0}
-    fresh = trainer._recompute_logp(rollout, micro, chunks, sums)
-    expected, _ = trainer.policy.log_prob(rollout, steps, with_kl=False)
+    fresh = trainer.replay._recompute_logp(rollout, micro, chunks, sums)
+    expected = trainer.policy.log_prob(rollout, steps, with_reference=False).logp
     torch.testing.assert_close(fresh.logp_old, expected.detach(), atol=0, rtol=0)
     assert sums["drift_sum"] / sums["drift_count"] == pytest.approx(1.0)
     assert torch.equal(fresh.payload["tokens"], rollout.payload["tokens"])
@@ -181,19 +182,19 @@ def test_fused_rollout_refuses_what_it_cannot_compute(tmp_path):
     trainer = make_trainer(tmp_path, grad_accum_steps=None, policy_cls=FusedCategoricalPolicy)
     trainer.strategy.advantage_mode = "pbrs_return_to_go"
     with pytest.raises(ConfigError, match="advantage_mode: terminal"):
-        trainer._resolve_fused(True)
-    assert trainer._resolve_fused("auto") is False
+        fused_applies(True, trainer.policy, trainer.strategy, 1)
+    assert fused_applies("auto", trainer.policy, trainer.strategy, 1)[0] is False
     rollout, grads = trainer.policy.rollout_with_grads(torch.zeros(4), 8)
     per_step = torch.linspace(-1, 1, 6).expand(32, 6)  # advantages that change along a trajectory
     with pytest.raises(ConfigError, match="fused_rollout.*per-step advantages"):
-        trainer._fused_update(rollout, per_step, grads)
+        trainer.fused_update(rollout, per_step, grads)
     with pytest.raises(ConfigError, match="fused_rollout.*true, false or auto"):
         make_trainer(tmp_path, fused_rollout="yes")
 
 
 def test_fused_rollout_auto_uses_it_where_it_applies(tmp_path):
     on = make_trainer(tmp_path, grad_accum_steps=None, policy_cls=FusedCategoricalPolicy, fused_rollout="auto")
-    assert on.fused_rollout is True
+    assert on.fused is True
     for kw in ({"policy_cls": CategoricalPolicy}, {"grad_accum_steps": 2}, {"kl_coef": 0.1}):
         args = {"grad_accum_steps": None, "policy_cls": FusedCategoricalPolicy, "fused_rollout": "auto"} | kw
-        assert make_trainer(tmp_path, **args).fused_rollout is False, kw
+        assert make_trainer(tmp_path, **args).fused is False, kw

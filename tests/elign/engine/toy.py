@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from elign.engine.rollout import RewardOutput, Rollout
+from elign.engine.rollout import RewardOutput, Rollout, StepLogProbs
 
 
 class TokenTable(nn.Module):
@@ -49,16 +49,16 @@ class CategoricalPolicy:
                        logp_old=logp, step_mask=torch.ones(b, self.num_steps, dtype=torch.bool),
                        payload={"tokens": tokens})
 
-    def log_prob(self, rollout: Rollout, steps: Tensor, with_kl: bool) -> tuple[Tensor, Tensor | None]:
+    def log_prob(self, rollout: Rollout, steps: Tensor, with_reference: bool) -> StepLogProbs:
         logp_all = torch.log_softmax(self.net(steps), dim=-1)  # [t, V]
         tokens = rollout.payload["tokens"][:, steps]  # [b, t]
         logp = logp_all.unsqueeze(0).expand(tokens.shape[0], -1, -1).gather(2, tokens.unsqueeze(2)).squeeze(2)
-        kl = None
-        if with_kl:
+        if not with_reference:
+            return StepLogProbs(logp=logp)
+        with torch.no_grad():
             ref = torch.log_softmax(self.reference(steps), dim=-1)
-            kl_step = (logp_all.exp() * (logp_all - ref)).sum(-1)  # [t]
-            kl = kl_step.unsqueeze(0).expand_as(logp)
-        return logp, kl
+        ref_logp = ref.unsqueeze(0).expand(tokens.shape[0], -1, -1).gather(2, tokens.unsqueeze(2)).squeeze(2)
+        return StepLogProbs(logp=logp, ref_logp=ref_logp)
 
 
 class TableGradients:
@@ -115,7 +115,7 @@ def supervised_loss(self, batch: Tensor) -> tuple[Tensor, dict[str, float]]:
     logits = self.net(torch.arange(self.num_steps))  # [T, V]
     logp = torch.log_softmax(logits, dim=-1)
     nll = -logp.unsqueeze(0).expand(batch.shape[0], -1, -1).gather(2, batch.unsqueeze(2)).mean()
-    return nll, {"nll": float(nll.detach())}
+    return nll, {"nll": float(nll.detach()), "num_samples": float(batch.shape[0]), "num_tokens": float(batch.numel())}
 
 
 CategoricalPolicy.supervised_loss = supervised_loss  # type: ignore[attr-defined]
