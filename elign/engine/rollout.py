@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from elign.engine.losses import gaussian_kl_same_std
+from elign.engine.losses import gaussian_step_kl
 
 
 @dataclass
@@ -114,10 +114,7 @@ class StepLogProbs:
         """``[b, t]`` closed-form ``KL(pi_theta || pi_ref)`` of each step's Gaussian (shared std)."""
         if self.mean is None or self.ref_mean is None or self.std is None:
             raise ValueError("the policy returned no Gaussian means: use a sampled-action KL estimator (k3)")
-        b, t = self.logp.shape
-        mask = torch.ones_like(self.mean) if self.event_mask is None else self.event_mask
-        return gaussian_kl_same_std(self.mean.flatten(0, 1), self.ref_mean.flatten(0, 1), self.std.reshape(-1),
-                                    mask.flatten(0, 1)).view(b, t)
+        return gaussian_step_kl(self.mean, self.ref_mean, self.std, self.event_mask)
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """FED-GRPO: per-channel group-normalised advantages and a PPO-clipped surrogate with a KL penalty.
 
 Plain GRPO is the one-channel case. The strategy only does tensor math; it knows nothing about
-molecules, tokens or optimizers.
+molecules, tokens or optimizers. In terms of the shared pieces it is: disentangled per-channel
+group normalisation (population std, ``std_eps``), weighted sum and clip of the advantages; a
+per-token ratio with a symmetric clip; ``bnpo`` aggregation; the closed-form Gaussian KL (or k3).
 """
 
 from __future__ import annotations
@@ -13,9 +15,18 @@ from torch import Tensor
 
 from elign.engine.advantages import fed_advantages, pbrs_return_to_go
 from elign.engine.errors import ConfigError
-from elign.engine.losses import clipped_surrogate, masked_sum
+from elign.engine.losses import (
+    KL_ESTIMATORS,
+    aggregate_loss,
+    clipped_objective,
+    importance_weights,
+    outside_band,
+    pair_sums,
+    reference_kl,
+)
 from elign.engine.rollout import Rollout
 from elign.engine.strategies.base import LossInputs, ScoredRewards
+from elign.engine.strategies.grpo import advantage_metrics, choice, finite, weight_map
 
 ADVANTAGE_MODES = ("terminal", "pbrs_return_to_go")
 
@@ -50,32 +61,19 @@ class FedGRPOStrategy:
             std_eps: epsilon added to the group standard deviation.
             clip_range: PPO ratio clip epsilon.
             kl_coef: weight beta of the KL to the frozen reference (0 = no reference pass).
-            kl_estimator: "gaussian" (closed form from the step means, exact for Gaussian policies)
-                or "k3" (``exp(ref - logp) - (ref - logp) - 1`` from the sampled actions' log-probs).
+            kl_estimator: "gaussian" (closed form from the step means) or "k3" (from the
+                reference's log-probs of the recorded actions).
         """
-        if advantage_mode not in ADVANTAGE_MODES:
-            raise ConfigError("advantage_mode", advantage_mode, ADVANTAGE_MODES)
-        if not clip_range > 0:
-            raise ConfigError("clip_range", clip_range, "a number > 0")
-        if kl_coef < 0:
-            raise ConfigError("kl_coef", kl_coef, "a number >= 0")
-        if adv_clip is not None and not adv_clip > 0:
-            raise ConfigError("adv_clip", adv_clip, "a number > 0, or null for no clipping")
-        if not std_eps > 0:
-            raise ConfigError("std_eps", std_eps, "a number > 0")
-        if not 0 < pbrs_gamma <= 1:
-            raise ConfigError("pbrs_gamma", pbrs_gamma, "a number in (0, 1]")
-        self.channel_weights = {str(k): float(v) for k, v in dict(channel_weights).items()}
-        self.default_weight = float(default_weight)
-        self.advantage_mode = advantage_mode
-        self.pbrs_gamma = float(pbrs_gamma)
-        self.adv_clip = None if adv_clip is None else float(adv_clip)
-        self.std_eps = float(std_eps)
-        self.clip_range = float(clip_range)
-        self.kl_coef = float(kl_coef)
-        if kl_estimator not in ("gaussian", "k3"):
-            raise ConfigError("kl_estimator", kl_estimator, ("gaussian", "k3"))
-        self.kl_estimator = kl_estimator
+        self.advantage_mode = choice("advantage_mode", advantage_mode, ADVANTAGE_MODES)
+        self.channel_weights = weight_map("channel_weights", channel_weights)
+        self.default_weight = finite("default_weight", default_weight)
+        self.pbrs_gamma = finite("pbrs_gamma", pbrs_gamma, lambda x: 0 < x <= 1, "a number in (0, 1]")
+        self.adv_clip = None if adv_clip is None else finite(
+            "adv_clip", adv_clip, lambda x: x > 0, "a number > 0, or null for no clipping")
+        self.std_eps = finite("std_eps", std_eps, lambda x: x > 0, "a number > 0")
+        self.clip_range = finite("clip_range", clip_range, lambda x: x > 0, "a number > 0")
+        self.kl_coef = finite("kl_coef", kl_coef, lambda x: x >= 0, "a number >= 0")
+        self.kl_estimator = choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
 
     @property
     def uses_reference(self) -> bool:
@@ -107,39 +105,24 @@ class FedGRPOStrategy:
             returns=returns, evaluated=evaluated, keep=None if keep.all() else keep, clip=self.adv_clip,
             eps=self.std_eps,
         ).to(rollout.logp_old.dtype)
-        metrics: dict[str, float] = {}
-        trained = rollout.step_mask & keep.unsqueeze(1)
-        if trained.any():
-            a = adv[trained]
-            metrics["train/adv_abs_mean"] = a.abs().mean().item()
-            metrics["train/adv_zero_frac"] = (a == 0).float().mean().item()
-        return adv, metrics
+        return adv, advantage_metrics(adv, rollout.step_mask & keep.unsqueeze(1))
 
     def loss(self, batch: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        """Clipped surrogate plus ``kl_coef`` times the closed-form Gaussian KL, summed over the
-        trained pairs and divided by this rank's trained pairs of the optimizer step (``bnpo``)."""
+        """Clipped surrogate plus ``kl_coef`` times the KL, summed over the trained pairs and
+        divided by this rank's trained pairs of the optimizer step (``bnpo``).
+
+        Sums: ``count``, ``loss``, ``clipped`` (``|rho - 1| > clip_range``, whatever the sign of
+        the advantage), ``ratio`` and, with a reference, ``kl``."""
         adv = batch.advantages
         if self.adv_clip is not None:
             adv = adv.clamp(-self.adv_clip, self.adv_clip)
-        per_pair, ratio, clipped = clipped_surrogate(batch.logp, batch.logp_old, adv, self.clip_range)
+        ratio = importance_weights(batch.logp, batch.logp_old, batch.mask, "token")
+        per_pair, _, _ = clipped_objective(ratio, adv, self.clip_range, self.clip_range)
         kl = None
         if batch.reference is not None and self.kl_coef > 0:
-            ref = batch.reference
-            if self.kl_estimator == "gaussian":
-                kl = ref.gaussian_kl()
-            else:
-                delta = ref.ref_logp - batch.logp
-                kl = torch.exp(delta) - delta - 1.0
+            kl = reference_kl(batch.reference, batch.logp, self.kl_estimator)
             per_pair = per_pair + self.kl_coef * kl
-        mask = batch.mask
-        loss = masked_sum(per_pair, mask) / max(batch.counts.tokens, 1.0)
-        m = mask.to(per_pair.dtype)
-        sums = {
-            "count": m.sum().detach(),
-            "loss": masked_sum(per_pair.detach(), m),
-            "clipped": masked_sum(clipped.to(m.dtype), m),
-            "ratio": masked_sum(ratio.detach(), m),
-        }
-        if kl is not None:
-            sums["kl"] = masked_sum(kl.detach(), m)
+        loss = aggregate_loss(per_pair, batch.mask, batch.seq_tokens, batch.counts, "bnpo")
+        sums = pair_sums(batch.mask, per_pair.dtype, loss=per_pair, clipped=outside_band(ratio, self.clip_range),
+                         ratio=ratio, kl=kl)
         return loss, sums
