@@ -13,10 +13,18 @@ from elign.engine.rollout import (
     Reward,
     RewardOutput,
     Rollout,
+    StepLogProbs,
 )
+from elign.engine.strategies.base import BatchCounts, LossInputs, RLStrategy, ScoredRewards, SupervisedStrategy
 
 __all__ = [
+    "BatchCounts",
     "ConfigError",
+    "LossInputs",
+    "RLStrategy",
+    "ScoredRewards",
+    "StepLogProbs",
+    "SupervisedStrategy",
     "ConstantReward",
     "DataFormatError",
     "Filter",
