@@ -79,6 +79,8 @@ def build(cfg: DictConfig, group: str, **kwargs: Any) -> Any:
 
 def check_compatible(cfg: DictConfig, dataloader: Any, strategy: Any) -> None:
     """Checks that span two groups."""
+    if getattr(strategy, "kind", "rl") == "rl" and cfg.get("reward") is None:
+        raise ConfigError("reward", None, f"a reward option: {cfg.strategy._target_.rsplit('.', 1)[-1]} is an RL strategy")
     need = getattr(strategy, "min_group_size", 1)
     if dataloader.group_size < need:
         raise ConfigError("dataloader.group_size", dataloader.group_size,
@@ -94,7 +96,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     strategy = build(cfg, "strategy")
     check_compatible(cfg, dataloader, strategy)
     policy = build(cfg, "model").to(dist.device)
-    objects = {g: build(cfg, g) for g in ("reward", "filter", "logger")}
+    # Supervised recipes need no reward or filter (null groups); RL strategies refuse to start without a reward.
+    objects = {g: build(cfg, g) if cfg.get(g) is not None else None for g in ("reward", "filter", "logger")}
     objects["evaluator"] = build(cfg, "evaluator") if cfg.get("evaluator") is not None else None
     trainer = build(cfg, "trainer", policy=policy, strategy=strategy, dataloader=dataloader, run_dir=str(run_dir),
                     dist=dist, **objects)

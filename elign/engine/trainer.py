@@ -50,7 +50,7 @@ class Trainer:
         self,
         policy: Policy,
         strategy: Any,
-        reward: Reward,
+        reward: Reward | None,
         dataloader: PromptSource,
         run_dir: str | Path,
         dist: DistInfo,
@@ -80,7 +80,8 @@ class Trainer:
         run_config: dict[str, Any] | None = None,
     ) -> None:
         """
-        Args (the YAML keys; the objects before ``optimizer`` are passed by run.py):
+        Args (the YAML keys; the objects before ``optimizer`` are passed by run.py; ``reward`` and
+        ``filter`` may be None for a supervised strategy):
             optimizer: partial optimizer class, called with the policy's parameter groups.
             lr_schedule: LR factor per optimizer step (``elign.engine.schedule``).
             max_iterations: iterations (RL: rollout + update; supervised: one optimizer step).
@@ -126,6 +127,8 @@ class Trainer:
         if set(ddp) - set(DDP_OPTIONS):
             raise ConfigError("ddp", sorted(set(ddp) - set(DDP_OPTIONS)), DDP_OPTIONS)
         self.policy, self.strategy, self.reward, self.prompts = policy, strategy, reward, dataloader
+        if reward is None and getattr(strategy, "kind", "rl") == "rl":
+            raise ValueError(f"{type(strategy).__name__} is an RL strategy: the trainer needs a reward")
         self.filter = filter or IdentityFilter()
         self.logger = logger or NullLogger()
         self.dist, self.run_dir, self.run_config = dist, Path(run_dir), run_config or {}

@@ -13,7 +13,7 @@ from elign.engine.schedule import WarmupCosineSchedule
 from elign.engine.strategies.supervised import SupervisedStrategy
 from elign.engine.trainer import Trainer
 from tests.elign.engine.test_trainer import SINGLE
-from tests.elign.engine.toy import CategoricalPolicy, TargetTokenReward
+from tests.elign.engine.toy import CategoricalPolicy
 
 # data: sequences of 6 tokens, mostly token 2
 DATA = [torch.where(torch.rand(6, generator=torch.Generator().manual_seed(i)) < 0.8, 2, 1) for i in range(40)]
@@ -23,7 +23,7 @@ def make(run_dir, iterations, resume=None, evaluator=None, batch_size=8, grad_ac
     torch.manual_seed(0)
     policy = CategoricalPolicy(num_steps=6, vocab=4)
     data = MoleculeBatches(DATA, batch_size=batch_size, seed=3, collate=torch.stack)
-    return Trainer(policy=policy, strategy=SupervisedStrategy(), reward=TargetTokenReward(), dataloader=data,
+    return Trainer(policy=policy, strategy=SupervisedStrategy(), reward=None, dataloader=data,
                    run_dir=run_dir, dist=SINGLE, optimizer=functools.partial(torch.optim.AdamW, lr=0.2),
                    lr_schedule=WarmupCosineSchedule(2, None, 0.1), max_iterations=iterations, micro_batch_size=8,
                    step_chunk_size=None, grad_accum_steps=grad_accum_steps, inner_epochs=1, max_grad_norm=1.0, save_interval=2,
