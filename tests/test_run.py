@@ -166,6 +166,19 @@ def test_joblib_launcher_runs_a_two_job_sweep(tmp_path):
         assert len((tmp_path / "sweep" / job / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_submitit_local_launcher_runs_a_job_the_way_slurm_would(tmp_path):
+    """submitit pickles the job and runs it in a fresh Python (the SLURM path minus the queue); the
+    xTB worker pool (spawn processes) must start inside it."""
+    out = _run([sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                "model=edm/small", "model.dynamics.num_layers=1", "model.dynamics.hidden_nf=8", "model.checkpoint=null",
+                "dataloader.batch_size=4", "dataloader.group_size=2", f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMALL[1:],
+                "trainer.max_iterations=1"], cwd=tmp_path, env_extra={"PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert list((tmp_path / "sweep" / ".submitit").iterdir()), "submitit ran the job"
+    row = json.loads((tmp_path / "sweep" / "0" / "metrics.jsonl").read_text())
+    assert "reward/ff_ok_frac" in row and "timing/reward" in row  # the xTB reward ran (in its worker pool)
+
+
 def test_cli_prints_composed_config(tmp_path):
     out = _run([sys.executable, str(ROOT / "run.py"), "--cfg", "job", "reward=edm/mmff"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
