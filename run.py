@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,29 @@ def check_compatible(cfg: DictConfig, dataloader: Any, strategy: Any) -> None:
                           f"an integer >= {need} for strategy {cfg.strategy._target_.rsplit('.', 1)[-1]}")
 
 
+def check_domains(choices: Mapping[str, str | None]) -> None:
+    """Refuse a composition whose config groups pick options of two domains.
+
+    ``choices`` are Hydra's runtime choices (``{"model": "edm/base", "reward": "dummy", ...}``). An
+    option's domain is its folder (``edm/base`` -> ``edm``); an option without one (``dummy``,
+    ``fed_grpo``) is domain-neutral, and Hydra's own groups (``hydra/...``) are ignored. The domain
+    of the experiment, if it has one, is the reference; otherwise the domain most groups pick.
+    """
+    domains = {group: choice.split("/", 1)[0] for group, choice in sorted(choices.items())
+               if choice is not None and "/" in choice and group != "hydra" and not group.startswith("hydra/")}
+    if len(set(domains.values())) < 2:
+        return
+    picks = list(domains.values())
+    reference = domains.get("experiment") or max(sorted(set(picks)), key=picks.count)
+    picked_by = next(g for g in ("experiment", *domains) if domains.get(g) == reference)
+    group = next(g for g, d in domains.items() if d != reference)
+    raise ConfigError(group, choices[group],
+                      f"an option of domain '{reference}' (the domain of {picked_by}={choices[picked_by]}) or a "
+                      f"domain-neutral one; {group} picks domain '{domains[group]}', and one run cannot mix domains")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
+    check_domains(HydraConfig.get().runtime.choices)  # before anything is built
     configure_host_allocator(cfg.host_allocator)
     dist = init_distributed(cfg.device)
     run_dir = Path(broadcast_object(HydraConfig.get().runtime.output_dir, dist))

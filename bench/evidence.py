@@ -1,6 +1,6 @@
 """Base vs post-trained EDM on the same fixed-seed samples: does FED-GRPO move the physics?
 
-    python bench/evidence.py --train                      # post-train (experiment=elign_evidence), then compare
+    python bench/evidence.py --train                      # post-train (experiment=edm/elign_evidence), then compare
     python bench/evidence.py --post outputs/evidence      # a run's best checkpoint (else latest)
     python bench/evidence.py --post outputs/evidence/checkpoint_latest.pth   # a given checkpoint
     python bench/evidence.py --post RUN --num 512 --seed 1 -- <extra run.py overrides for --train>
@@ -48,9 +48,9 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--base", default=BASE, help="base checkpoint (default: the shipped base model)")
     p.add_argument("--post", help="post-trained checkpoint or run directory")
     p.add_argument("--train", action="store_true", help="run the post-training recipe first")
-    p.add_argument("--experiment", default="elign_evidence", help="recipe for --train")
+    p.add_argument("--experiment", default="edm/elign_evidence", help="recipe for --train")
     p.add_argument("--run-dir", default="outputs/evidence", help="run directory for --train")
-    p.add_argument("--model-config", default=str(ROOT / "conf/model/edm_base.yaml"), help="architecture YAML")
+    p.add_argument("--model-config", default=str(ROOT / "conf/model/edm/base.yaml"), help="architecture YAML")
     p.add_argument("--num", type=int, default=256, help="molecules per model")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same for both models)")
     p.add_argument("--num-steps", type=int, default=None, help="T (default: the model config's)")

@@ -1,6 +1,6 @@
 """Seconds per FED-GRPO iteration (rollout / reward / update) and sampling molecules/s.
 
-    python bench/fed_grpo.py                                   # default config (edm_base)
+    python bench/fed_grpo.py                                   # default config (model=edm/base)
     python bench/fed_grpo.py --layers 9 --hidden 256 --prompts 4 --group-size 24 --steps 1000 \
         --skip-prefix 600 --iterations 1                       # paper layout
     python bench/fed_grpo.py --layers 9 --hidden 256 --prompts 1 --group-size 24 --steps 50 \

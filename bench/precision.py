@@ -1,6 +1,6 @@
 """bfloat16 edge compute against float32 on one rollout: policy-gradient cosine and log-prob drift.
 
-    python bench/precision.py                      # shipped edm_base, default layout
+    python bench/precision.py                      # shipped model=edm/base, default layout
     python bench/precision.py model.skip_prefix=0  # every step trained
 
 For one rollout sampled in float32 and random advantages, the gradient of sum(A * logp) over the

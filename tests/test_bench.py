@@ -29,7 +29,7 @@ def test_checks_follow_the_issue_targets():
 
 
 def test_evidence_script_compares_two_checkpoints(tmp_path):
-    model_cfg = ROOT / "conf/model/edm_small.yaml"
+    model_cfg = ROOT / "conf/model/edm/small.yaml"
     cfg = OmegaConf.load(model_cfg)
     cfg.checkpoint = None
     torch.manual_seed(0)
@@ -51,7 +51,7 @@ def test_evidence_script_compares_two_checkpoints(tmp_path):
 
 
 def test_precision_bench_prints_float32_identity_and_bf16_cosines():
-    out = subprocess.run([sys.executable, str(ROOT / "bench/precision.py"), "--ks", "0,50", "model=edm_small",
+    out = subprocess.run([sys.executable, str(ROOT / "bench/precision.py"), "--ks", "0,50", "model=edm/small",
                           "model.dynamics.num_layers=2", "model.dynamics.hidden_nf=16", "model.checkpoint=null"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,7 +1,7 @@
 """Sample, evaluate and report on EDM checkpoints.
 
     python -m elign.edm.cli sample   --run-dir RUN [--checkpoint PATH] --num 256 --seed 0 --out samples.pt
-    python -m elign.edm.cli sample   --model-config conf/model/edm_small.yaml --checkpoint base.pth --out samples.pt
+    python -m elign.edm.cli sample   --model-config conf/model/edm/small.yaml --checkpoint base.pth --out samples.pt
     python -m elign.edm.cli evaluate --samples samples.pt --force-field xtb [--reference smiles.txt] --out eval.json
     python -m elign.edm.cli report   RUN [--samples samples.pt]       # curves.png and molecules.png in RUN
     python -m elign.edm.cli export   --checkpoint RUN/checkpoint_best.pth --out base.pth   # weights only
@@ -39,7 +39,7 @@ def build_policy(run_dir: str | None, model_config: str | None, checkpoint: str 
     elif model_config is not None:
         cfg = OmegaConf.load(model_config)
         if checkpoint is None:
-            checkpoint = cfg.get("checkpoint")  # e.g. the shipped weights of conf/model/edm_base.yaml
+            checkpoint = cfg.get("checkpoint")  # e.g. the shipped weights of conf/model/edm/base.yaml
     else:
         raise SystemExit("give --run-dir or --model-config")
     if checkpoint is None:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="sample molecules from a checkpoint")
     s.add_argument("--run-dir", help="run directory (config.yaml + checkpoints)")
-    s.add_argument("--model-config", help="model YAML (conf/model/*.yaml) when there is no run directory")
+    s.add_argument("--model-config", help="model YAML (conf/model/edm/*.yaml) when there is no run directory")
     s.add_argument("--checkpoint", help="weights (default: the run's best, else latest checkpoint)")
     s.add_argument("--num", type=int, default=256, help="molecules")
     s.add_argument("--seed", type=int, default=0, help="sampling seed")

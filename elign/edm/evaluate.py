@@ -121,7 +121,7 @@ def evaluate_samples(samples: Mapping[str, Tensor], force_field: ForceField | No
 
 
 class SampleEvaluator:
-    """Periodic evaluation for the trainer (``evaluator=edm``): a fixed-seed sample every time, so
+    """Periodic evaluation for the trainer (``evaluator=edm/sample``): a fixed-seed sample every time, so
     ``checkpoint_best.pth`` is chosen on held-out samples, not on the noisy training rollouts."""
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, force_field: ForceField | None,

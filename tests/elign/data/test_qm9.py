@@ -247,7 +247,7 @@ def test_real_qm9_dataloader_config_reads_the_archive(sources: tuple[Path, Path]
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[3] / "conf/dataloader/qm9.yaml")
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[3] / "conf/dataloader/edm/qm9.yaml")
     cfg.seed, cfg.batch_size, cfg.dataset.path, cfg.dataset.split = 0, 2, str(sources[0]), "all"
     batches = instantiate(cfg)
     batch = next(iter(batches))

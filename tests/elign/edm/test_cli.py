@@ -50,10 +50,10 @@ def test_sample_from_a_model_config_uses_the_weights_it_names(tmp_path):
     from tests.test_run import CONF
 
     out = tmp_path / "s.pt"
-    main(["sample", "--model-config", str(CONF / "model" / "edm_base.yaml"), "--num", "2",
+    main(["sample", "--model-config", str(CONF / "model" / "edm" / "base.yaml"), "--num", "2",
           "--out", str(out)])
     assert torch.load(out, weights_only=True)["checkpoint"] == "package:elign/edm/weights/edm_base.pth"
-    bare = OmegaConf.load(CONF / "model" / "edm_base.yaml")
+    bare = OmegaConf.load(CONF / "model" / "edm" / "base.yaml")
     bare.checkpoint = None
     OmegaConf.save(bare, tmp_path / "bare.yaml")
     with pytest.raises(SystemExit, match="--checkpoint"):

@@ -221,13 +221,13 @@ def test_checkpoint_formats_load_and_reference_is_taken_after(tmp_path: Path) ->
 
 
 def test_yaml_configs_instantiate() -> None:
-    small = instantiate(OmegaConf.load(ROOT / "conf/model/edm_small.yaml"))
+    small = instantiate(OmegaConf.load(ROOT / "conf/model/edm/small.yaml"))
     assert isinstance(small, EDMPolicy) and small.num_steps == 50
-    qm9_cfg = OmegaConf.load(ROOT / "conf/model/edm_qm9.yaml")
+    qm9_cfg = OmegaConf.load(ROOT / "conf/model/edm/qm9.yaml")
     assert qm9_cfg.num_steps == 1000 and qm9_cfg.skip_prefix == 600
     qm9_dyn = instantiate(qm9_cfg.dynamics)
     assert sum(p.numel() for p in qm9_dyn.parameters()) == 5_339_920  # spec: upstream trainable count
-    prompts = instantiate(OmegaConf.load(ROOT / "conf/dataloader/qm9_nodes.yaml"))
+    prompts = instantiate(OmegaConf.load(ROOT / "conf/dataloader/edm/qm9_nodes.yaml"))
     assert prompts.group_size == 8 and next(prompts).shape == (2,)
-    reward = instantiate(OmegaConf.load(ROOT / "conf/reward/compactness.yaml"))
+    reward = instantiate(OmegaConf.load(ROOT / "conf/reward/edm/compactness.yaml"))
     assert callable(reward)

@@ -11,12 +11,12 @@ from elign.engine.distributed import DistInfo
 from tests.test_run import CONF
 
 OVERRIDES = [
-    "model=edm_small",
+    "model=edm/small",
     # T = 50: with 10 strided steps a weakly pretrained EDM's eps errors are amplified by 1 / alpha and
     # most samples explode (median radius ~180 Å), which leaves nothing meaningful to learn. The RL
     # trains the last 25 steps, as in the default recipe (the early high-noise steps are the fragile ones).
     "model.dynamics.num_layers=2", "model.dynamics.hidden_nf=32", "model.num_steps=50", "model.skip_prefix=25",
-    "reward=compactness", "filter=none", "strategy.kl_coef=0", "strategy.clip_range=0.2",
+    "reward=edm/compactness", "filter=none", "strategy.kl_coef=0", "strategy.clip_range=0.2",
     "dataloader.batch_size=16", "dataloader.group_size=4",
     "trainer.micro_batch_size=16", "trainer.step_chunk_size=null", "trainer.max_iterations=20",
     "trainer.optimizer.lr=1e-4", "trainer.lr_schedule.warmup_steps=0", "trainer.progress=false",

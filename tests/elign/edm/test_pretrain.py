@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not (_sample_dir(None) / NPZ_NAME).is_file(), re
 def test_pretraining_loss_falls_and_eval_selects_best(tmp_path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[
-            "experiment=edm_pretrain", "model.dynamics.num_layers=2", "model.dynamics.hidden_nf=32",
+            "experiment=edm/pretrain", "model.dynamics.num_layers=2", "model.dynamics.hidden_nf=32",
             "model.num_steps=10", "dataloader.batch_size=16", "trainer.max_iterations=40",
             "trainer.eval_interval=20", "trainer.lr_schedule.warmup_steps=5", "trainer.progress=false",
             "evaluator.num_samples=8", "evaluator.batch_size=8", "evaluator.force_field=null"])

@@ -8,8 +8,8 @@ import run as run_module
 from elign.engine.distributed import DistInfo
 from tests.test_run import CONF
 
-OVERRIDES = ["model=edm_small", "model.dynamics.num_layers=2", "model.dynamics.hidden_nf=16", "model.num_steps=5",
-             "reward=compactness", "filter=none", "strategy.clip_range=0.2", "dataloader.batch_size=4",
+OVERRIDES = ["model=edm/small", "model.dynamics.num_layers=2", "model.dynamics.hidden_nf=16", "model.num_steps=5",
+             "reward=edm/compactness", "filter=none", "strategy.clip_range=0.2", "dataloader.batch_size=4",
              "dataloader.group_size=2", "trainer.micro_batch_size=2", "trainer.step_chunk_size=2",
              "trainer.progress=false", "trainer.optimizer.lr=1e-3", "trainer.save_interval=1"]
 
