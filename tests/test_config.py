@@ -73,11 +73,16 @@ def check_composed(cfg: DictConfig, where: str, complete: bool) -> None:
 
 
 def recipe_of(group: str, option: str) -> list[str]:
-    """The first experiment that picks ``group=option``, as an override; none = the default job.
+    """The first experiment that picks ``group=option``, as an override.
 
     An option is composed inside a recipe that uses it: an experiment tunes its own strategy's keys
-    (``strategy.channel_weights``), which another strategy (``supervised``) does not take."""
-    return next(([f"experiment={e}"] for e, choices in experiment_choices().items() if choices.get(group) == option), [])
+    (``strategy.channel_weights``), which another strategy (``supervised``) does not take. So a
+    strategy no recipe uses is composed outside any recipe, with small neutral or EDM options in the
+    domain slots; any other unused option goes into the default job."""
+    used = [f"experiment={e}" for e, choices in experiment_choices().items() if choices.get(group) == option]
+    if used:
+        return used[:1]
+    return ["~experiment", "model=edm/small", "reward=dummy", "dataloader=edm/qm9_nodes"] if group == "strategy" else []
 
 
 @functools.lru_cache(maxsize=1)
