@@ -119,6 +119,9 @@ class _EdgeInput(torch.autograd.Function):
 
 
 FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's bf16 inner product needs AVX512-BF16 / AMX (or AVX512 emulation); on other CPUs it cannot
+# even build the primitive, so bf16 takes the plain ops there.
+FUSED_LINEAR_BF16 = FUSED_LINEAR and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def linear(layer: nn.Linear, x: Tensor, rows: str) -> Tensor:
@@ -134,7 +137,8 @@ def linear_silu(layer: nn.Linear, x: Tensor, rows: str) -> Tensor:
     """``silu(layer(x))`` in ``x``'s dtype. Without gradients on CPU (sampling), one oneDNN call with
     SiLU as a fused post-op: no bias broadcast copy and no separate pass over the ``[E, nf]`` edge
     tensor (~1.5x faster per call). It has no autograd formula, so training uses the plain ops."""
-    if FUSED_LINEAR and fast_sampling_kernels(x) and x.device.type == "cpu":
+    fused = FUSED_LINEAR_BF16 if x.dtype == torch.bfloat16 else FUSED_LINEAR
+    if fused and fast_sampling_kernels(x) and x.device.type == "cpu":
         w, b = layer.weight.to(x.dtype), layer.bias.to(x.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "swish", [], "")
     return silu(linear(layer, x, rows))
