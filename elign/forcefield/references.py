@@ -1,6 +1,6 @@
 """Isolated-atom reference energies for formation energies (``E - sum_a E_ref(Z_a)``).
 
-    python -m elign.forcefield.references        # prints the GFN2-xTB values used in conf/reward/xtb.yaml
+    python -m elign.forcefield.references        # prints the GFN2-xTB values used in conf/reward/edm/xtb.yaml
 
 Free atoms are computed in their ground-state spin (number of unpaired electrons below), neutral.
 MMFF energies are already relative to separated atoms in their force-field sense, so the MMFF

@@ -198,3 +198,45 @@ def test_fused_rollout_auto_uses_it_where_it_applies(tmp_path):
     for kw in ({"policy_cls": CategoricalPolicy}, {"grad_accum_steps": 2}, {"kl_coef": 0.1}):
         args = {"grad_accum_steps": None, "policy_cls": FusedCategoricalPolicy, "fused_rollout": "auto"} | kw
         assert make_trainer(tmp_path, **args).fused is False, kw
+
+
+class _FixedRollout(CategoricalPolicy):
+    """Replays one recorded rollout (or a subset of its samples) at every iteration."""
+
+    recorded = None
+    index = None
+
+    def rollout(self, prompts, group_size):
+        if _FixedRollout.recorded is None:
+            _FixedRollout.recorded = super().rollout(torch.zeros(4), 8)
+        ro = _FixedRollout.recorded
+        return ro if self.index is None else ro.select(self.index)
+
+
+class _DropGroup:
+    """Filter that drops every sample of group 0 (keep = False)."""
+
+    def __call__(self, rollout, reward):
+        reward.keep = rollout.group_ids != 0
+        return reward
+
+
+def test_dropped_samples_leave_the_loss_and_the_statistics(tmp_path):
+    """``keep`` = False is the same update as never having sampled those trajectories."""
+    torch.manual_seed(11)
+    _FixedRollout.recorded = None
+    dropped = make_trainer(tmp_path / "dropped", max_iterations=1, grad_accum_steps=None, policy_cls=_FixedRollout,
+                           filter=_DropGroup())
+    dropped.fit()
+    absent = make_trainer(tmp_path / "absent", max_iterations=1, grad_accum_steps=None, policy_cls=_FixedRollout,
+                          dataloader=ToyPrompts(24, 8))
+    absent.policy.index = torch.arange(8, 32)
+    absent.fit()
+    moved = dropped.policy.module.logits.detach()
+    assert moved.abs().max() > 0, "the kept groups trained"
+    torch.testing.assert_close(moved, absent.policy.module.logits.detach(), rtol=0, atol=1e-7)
+    row = json.loads((tmp_path / "dropped" / "metrics.jsonl").read_text())
+    ref = json.loads((tmp_path / "absent" / "metrics.jsonl").read_text())
+    assert row["rollout/kept_frac"] == 0.75
+    for key in ("reward/score", "reward/total", "train/loss", "train/grad_norm"):
+        assert row[key] == pytest.approx(ref[key], rel=1e-6), key
