@@ -171,13 +171,20 @@ def gaussian_step_kl(mean: Tensor, ref_mean: Tensor, std: Tensor, event_mask: Te
                                 mask.flatten(0, 1)).view(b, t)
 
 
-def reference_kl(reference: "StepLogProbs", logp: Tensor, estimator: str) -> Tensor:
+def reference_kl(reference: "StepLogProbs", logp: Tensor, estimator: str, mask: Tensor | None = None) -> Tensor:
     """``[b, t]`` KL to the reference by ``estimator`` (``k3`` from ``reference.ref_logp``,
-    ``gaussian`` from the means); ``logp`` is ``[b, t]`` with gradients."""
+    ``gaussian`` from the means); ``logp`` is ``[b, t]`` with gradients; ``mask`` ``[b, t]`` (the
+    trained pairs; k3 is 0 elsewhere)."""
     if estimator == "k3":
         if reference.ref_logp is None:
             raise ValueError("kl_estimator=k3 needs the reference log-probs; the policy returned none")
-        return k3_kl(logp, reference.ref_logp)
+        ref = reference.ref_logp
+        if mask is not None:
+            # Padding may hold -inf log-probs: select before they enter k3, whose backward would
+            # multiply its NaN into the gradient even where the loss masks it out.
+            keep, zero = mask.bool(), torch.zeros_like(logp)
+            logp, ref = torch.where(keep, logp, zero), torch.where(keep, ref, zero)
+        return k3_kl(logp, ref)
     if estimator == "gaussian":
         if reference.mean is None or reference.ref_mean is None or reference.std is None:
             raise ValueError("kl_estimator=gaussian needs the policy's Gaussian means and std; "
@@ -187,8 +194,8 @@ def reference_kl(reference: "StepLogProbs", logp: Tensor, estimator: str) -> Ten
 
 
 def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
-    """``sum(values * mask)`` as a 0-d tensor."""
-    return (values * mask.to(values.dtype)).sum()
+    """``sum(values * mask)`` as a 0-d tensor; values off the mask (even NaN or inf) never count."""
+    return torch.where(mask.bool(), values, torch.zeros_like(values)).sum()
 
 
 def aggregate_loss(per_pair: Tensor, mask: Tensor, seq_tokens: Tensor, counts: "BatchCounts", loss_type: str) -> Tensor:

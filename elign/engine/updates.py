@@ -171,7 +171,7 @@ class ReplayedUpdate:
 def add_drift(sums: dict[str, float], logp: Tensor, recorded: Tensor, mask: Tensor) -> None:
     """Accumulate ``|logp - recorded|`` over trained steps at the sampling weights
     (``train/logp_drift``: how far the sampler's numerics are from the training forward's)."""
-    sums["drift_sum"] += float(((logp - recorded).abs() * mask).sum())
+    sums["drift_sum"] += float(torch.where(mask.bool(), (logp - recorded).abs(), torch.zeros_like(logp)).sum())
     sums["drift_count"] += float(mask.sum())
 
 

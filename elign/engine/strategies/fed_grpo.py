@@ -120,7 +120,7 @@ class FedGRPOStrategy:
         per_pair, _, _ = clipped_objective(ratio, adv, self.clip_range, self.clip_range)
         kl = None
         if batch.reference is not None and self.kl_coef > 0:
-            kl = reference_kl(batch.reference, batch.logp, self.kl_estimator)
+            kl = reference_kl(batch.reference, batch.logp, self.kl_estimator, batch.mask)
             per_pair = per_pair + self.kl_coef * kl
         loss = aggregate_loss(per_pair, batch.mask, batch.seq_tokens, batch.counts, "bnpo")
         sums = pair_sums(batch.mask, per_pair.dtype, loss=per_pair, clipped=outside_band(ratio, self.clip_range),

@@ -176,7 +176,7 @@ class GRPOStrategy:
         if self.beta > 0:
             if batch.reference is None:
                 raise ValueError("beta > 0 needs the policy's reference terms (LossInputs.reference is None)")
-            kl = reference_kl(batch.reference, batch.logp, self.kl_estimator)
+            kl = reference_kl(batch.reference, batch.logp, self.kl_estimator, batch.mask)
             per_pair = per_pair + self.beta * kl
         loss = aggregate_loss(per_pair, batch.mask, batch.seq_tokens, batch.counts, self.loss_type)
         sums = pair_sums(batch.mask, per_pair.dtype, loss=per_pair, clipped=low | high, clipped_low=low,
