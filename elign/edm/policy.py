@@ -369,6 +369,9 @@ class EDMPolicy:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise ConfigError("checkpoint", path, "null or an existing weights file") from None
+        except Exception as err:  # noqa: BLE001 - empty, truncated, random bytes, pickled objects: all unreadable
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ConfigError("checkpoint", path, f"null or a readable weights file (cannot load {path}: {first})") from None
         try:
             self.module.load_state_dict(extract_dynamics_state(obj), strict=True)
         except (ValueError, RuntimeError) as err:
