@@ -73,8 +73,11 @@ def _key_path(node: Any, key: str, value: Any, prefix: str) -> str:
                     found.append((sub, OmegaConf.select(n, str(k), default=None)))
                 walk(child, sub)
 
+    def same(a: Any, b: Any) -> bool:
+        return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
     walk(node, prefix)
-    exact = [p for p, v in found if v == value]
+    exact = [p for p, v in found if same(v, value)]
     return (exact or [p for p, _ in found] or [f"{prefix}.{key}"])[0]
 
 

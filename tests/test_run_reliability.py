@@ -143,3 +143,68 @@ def test_torchrun_refusal_stops_every_rank(tmp_path):
     refusals = [line for line in out.stderr.splitlines() if line.startswith(f"error: run directory {run_dir}")]
     assert len(refusals) == 2, out.stderr[-3000:]  # rank 0's message, printed by both ranks
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+# -- NaN and ±inf in the constructors of the groups: each must name the key ---------------------------
+
+import math  # noqa: E402
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+import run as run_module  # noqa: E402
+from elign.engine.errors import ConfigError  # noqa: E402
+
+#: (override, subtree whose numeric keys are checked). ConstantReward (reward=dummy) and the trainer and
+#: strategy constructors are checked by run.py's whole-config pass; their constructors are the lead's.
+SUBTREES = [("model=edm_small", "model"), ("dataloader=qm9_nodes", "dataloader"),
+            ("dataloader=qm9_sample", "dataloader"), ("filter=chem", "filter"), ("reward=xtb", "reward"),
+            ("reward=mmff", "reward"), ("reward=uma", "reward"), ("evaluator=edm", "evaluator"),
+            ("experiment=elign_pbrs_xtb", "reward.shaping"), ("trainer=default", "trainer.lr_schedule")]
+
+
+def _compose(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def _numeric_leaves(node, path):
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            yield from _numeric_leaves(child, f"{path}.{key}")
+        elif isinstance(node[key], (int, float)) and not isinstance(node[key], bool):
+            yield path, key  # the key as it is (atom_refs_ev has integer keys)
+
+
+def _owner(cfg, leaf):
+    """The nearest node with a _target_ above ``leaf``, and its dotted path."""
+    parts = leaf.split(".")[:-1]
+    while parts and "_target_" not in OmegaConf.select(cfg, ".".join(parts)):
+        parts.pop()
+    return ".".join(parts)
+
+
+@pytest.mark.parametrize("override,subtree", SUBTREES)
+def test_every_numeric_key_rejects_nan_and_inf_naming_itself(override, subtree):
+    cfg = _compose(override)
+    leaves = list(_numeric_leaves(OmegaConf.select(cfg, subtree), subtree))
+    assert leaves
+    accepted = []
+    for parent, key in leaves:
+        leaf = f"{parent}.{key}"
+        for bad in (math.nan, math.inf):
+            broken = cfg.copy()
+            OmegaConf.select(broken, parent)[key] = bad
+            owner = _owner(broken, leaf)
+            node = OmegaConf.select(broken, owner)
+            if "force_field" in node and not leaf.startswith(f"{owner}.force_field"):
+                # the reward's own keys: a UMA model name cannot be loaded here, and is not what is tested
+                node.force_field = {"_target_": "elign.forcefield.dummy.DummyForceField"}
+            try:
+                run_module.build_node(node, owner)
+                accepted.append(f"{leaf}={bad} accepted")
+            except ConfigError as exc:
+                if exc.key != leaf:
+                    accepted.append(f"{leaf}={bad} reported as {exc.key}")
+    assert not accepted, accepted

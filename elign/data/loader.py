@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from elign.data.dataset import collate_qm9
-from elign.engine.errors import ConfigError
+from elign.engine.errors import check_int
 
 
 class MoleculeBatches:
@@ -32,9 +32,9 @@ class MoleculeBatches:
             collate: list of items -> batch.
         """
         n = len(dataset)  # type: ignore[arg-type]
-        if batch_size < 1 or (drop_last and batch_size > n):
-            raise ConfigError("batch_size", batch_size, f"an integer in [1, {n}] (the dataset size)")
-        self.dataset, self.batch_size, self.seed = dataset, int(batch_size), int(seed)
+        # (with drop_last, a batch larger than the dataset would never be full)
+        batch_size = check_int("batch_size", batch_size, 1, n if drop_last else None)
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, check_int("seed", seed)
         self.drop_last, self.collate = drop_last, collate
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)

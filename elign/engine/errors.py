@@ -59,10 +59,11 @@ def _interval(low: float | None, high: float | None, low_open: bool, high_open: 
 
 def check_range(key: str, value: Any, low: float | None = None, high: float | None = None, *,
                 low_open: bool = False, high_open: bool = False, integer: bool = False,
-                allow_none: bool = False, none_means: str = "") -> Any:
+                allow_none: bool = False, none_means: str = "", allowed: str | None = None) -> Any:
     """``value`` if it is a finite number (an integer with ``integer``) inside the interval, else
     :class:`ConfigError` naming ``key``. NaN and ±inf are always rejected: a config key that
     means "off" says so with null (``allow_none``; ``none_means`` names what null does).
+    ``allowed`` replaces the generated description of the allowed values in the message.
 
     Returns the value as ``int`` / ``float`` (``None`` when allowed and given)."""
     if value is None and allow_none:
@@ -71,6 +72,7 @@ def check_range(key: str, value: Any, low: float | None = None, high: float | No
     what = ("an integer" if integer else "a finite number") + (f" {bounds}" if bounds else "")
     if allow_none:
         what += f", or null{f' ({none_means})' if none_means else ''}"
+    what = allowed or what
     if not _is_number(value) or not math.isfinite(value):
         raise ConfigError(key, value, what)
     if integer and value != int(value):
@@ -82,13 +84,15 @@ def check_range(key: str, value: Any, low: float | None = None, high: float | No
     return int(value) if integer else float(value)
 
 
-def check_finite(key: str, value: Any, *, allow_none: bool = False, none_means: str = "") -> float | None:
+def check_finite(key: str, value: Any, *, allow_none: bool = False, none_means: str = "",
+                 allowed: str | None = None) -> float | None:
     """``float(value)`` if it is a finite number, else :class:`ConfigError` naming ``key``."""
-    return check_range(key, value, allow_none=allow_none, none_means=none_means)
+    return check_range(key, value, allow_none=allow_none, none_means=none_means, allowed=allowed)
 
 
 def check_int(key: str, value: Any, low: int | None = None, high: int | None = None, *,
-              allow_none: bool = False, none_means: str = "") -> int | None:
+              allow_none: bool = False, none_means: str = "", allowed: str | None = None) -> int | None:
     """``int(value)`` if it is an integer in ``[low, high]``, else :class:`ConfigError` naming ``key``
     (a float with an integral value, e.g. ``4.0`` from a YAML, is accepted)."""
-    return check_range(key, value, low, high, integer=True, allow_none=allow_none, none_means=none_means)
+    return check_range(key, value, low, high, integer=True, allow_none=allow_none, none_means=none_means,
+                       allowed=allowed)

@@ -54,3 +54,9 @@ def test_check_int():
             check_int("num_workers", bad, 0)
         assert info.value.allowed == "an integer >= 0"
     assert check_int("n", None, 1, allow_none=True) is None
+
+
+def test_allowed_replaces_the_generated_description():
+    with pytest.raises(ConfigError) as info:
+        check_int("num_steps", math.nan, 1, allowed="divisors of 1000: 1, 2, 4")
+    assert info.value.allowed == "divisors of 1000: 1, 2, 4"
