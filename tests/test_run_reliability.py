@@ -208,3 +208,52 @@ def test_every_numeric_key_rejects_nan_and_inf_naming_itself(override, subtree):
                 if exc.key != leaf:
                     accepted.append(f"{leaf}={bad} reported as {exc.key}")
     assert not accepted, accepted
+
+
+@pytest.mark.parametrize("override", ["reward=xtb", "reward=mmff", "reward=uma", "evaluator=edm",
+                                      "experiment=elign_pbrs_xtb", "experiment=elign_evidence"])
+def test_every_force_field_node_states_the_physical_limits(override):
+    """The limits have defaults in the signatures; the configs must still say what they are."""
+    cfg = _compose(override)
+    nodes = [OmegaConf.select(cfg, path) for path in ("reward.force_field", "evaluator.force_field")]
+    nodes = [n for n in nodes if n is not None and str(n._target_).startswith("elign.forcefield.")]
+    assert nodes
+    for node in nodes:
+        assert node.min_distance_angstrom == 0.5 and node.max_force_ev_per_angstrom == 1000.0
+
+
+# -- run.py's start-up checks, in process ---------------------------------------------------------
+
+
+def _key_of(fn, *args):
+    with pytest.raises(ConfigError) as info:
+        fn(*args)
+    return info.value
+
+
+def test_validate_names_unknown_missing_and_unset_keys():
+    assert _key_of(run_module.validate, _compose("+trainer.lerning_rate=1")).key == "trainer.lerning_rate"
+    unknown = _key_of(run_module.validate, _compose("+reward.force_field.acuracy=1"))
+    assert unknown.key == "reward.force_field.acuracy" and "accuracy" in unknown.allowed
+    assert "policy" not in _key_of(run_module.validate, _compose("+trainer.x=1")).allowed, "live objects are no keys"
+    assert _key_of(run_module.validate, _compose("~reward.force_field.accuracy")).key == "reward.force_field.accuracy"
+    assert _key_of(run_module.validate, _compose("dataloader=qm9")).key == "dataloader.dataset.path"  # left ???
+    bad_target = _key_of(run_module.validate, _compose("model.dynamics._target_=elign.edm.egnn.Nope"))
+    assert bad_target.key == "model.dynamics._target_"
+    run_module.validate(_compose())  # the default job passes
+    run_module.validate(_compose("experiment=elign_pbrs_xtb"))
+
+
+@pytest.mark.parametrize("override,key", [
+    ("seed=1.5", "seed"), ("device=tpu", "device"), ("overwrite=maybe", "overwrite"),
+    ("trainer.optimizer.betas=[0.9,2.0]", "trainer.optimizer.betas"), ("trainer.optimizer.eps=-1", "trainer.optimizer.eps"),
+    ("trainer.optimizer.lr=nan", "trainer.optimizer.lr"), ("trainer.lr_schedule.warmup_steps=-1", "trainer.lr_schedule.warmup_steps"),
+    ("trainer.max_grad_norm=inf", "trainer.max_grad_norm"), ("strategy.channel_weights.force=nan", "strategy.channel_weights.force"),
+    ("trainer.resume=''", "trainer.resume"),
+])
+def test_validate_rejects_before_anything_is_built(override, key):
+    assert _key_of(run_module.validate, _compose(override)).key == key
+
+
+def test_error_lines_are_one_line():
+    assert run_module.error_line(ConfigError("k", "a\nb", "x\ny")) == "Config error: invalid config value k='a\\nb'; allowed: x y"
