@@ -7,29 +7,48 @@
     python run.py --cfg job                                # print the composed config
 
 Each config group is instantiated through its ``_target_`` and the objects are handed to the
-trainer. A bad value stops start-up with a message naming the full key.
+trainer. A bad value stops start-up (exit code 2) with one line naming the full key or the file,
+before the model is built and before anything is written to the run directory. A run holds a
+lock on its directory; a fresh run refuses a directory that holds a run unless told to resume
+(``trainer.resume=auto``) or to replace it (``overwrite=true``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import importlib
+import inspect
+import math
 import os
 import sys
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from elign.engine.distributed import broadcast_object, init_distributed, shutdown
-from elign.engine.errors import ConfigError
+from elign.engine.checkpoint import check_resume, missing_best_warning
+from elign.engine.distributed import DistInfo, broadcast_object, check_device, init_distributed, shutdown
+from elign.engine.errors import ConfigError, DataFormatError, RunDirectoryError, check_int
 from elign.engine.memory import configure_host_allocator
+from elign.engine.rundir import CONFIG_FILE, RunDirectory
 
 GROUPS = ("dataloader", "strategy", "model", "reward", "filter", "logger")
+#: Constructor arguments that run.py passes as live objects, not from the config.
+LIVE_ARGUMENTS = {"trainer": ("policy", "strategy", "dataloader", "run_dir", "dist", "reward", "filter", "logger",
+                              "evaluator", "run_config")}
+#: Hydra's instantiation keys: not constructor arguments.
+_HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+#: torch.optim's ValueError texts -> the optimizer argument they are about.
+_OPTIMIZER_MESSAGES = (("learning rate", "lr"), ("epsilon", "eps"), ("beta", "betas"), ("weight_decay", "weight_decay"),
+                       ("momentum", "momentum"), ("dampening", "dampening"))
 
 
 def _non_main_ranks_write_nothing() -> None:
@@ -55,8 +74,11 @@ def _key_path(node: Any, key: str, value: Any, prefix: str) -> str:
                     found.append((sub, OmegaConf.select(n, str(k), default=None)))
                 walk(child, sub)
 
+    def same(a: Any, b: Any) -> bool:
+        return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
     walk(node, prefix)
-    exact = [p for p, v in found if v == value]
+    exact = [p for p, v in found if same(v, value)]
     return (exact or [p for p, _ in found] or [f"{prefix}.{key}"])[0]
 
 
@@ -65,17 +87,22 @@ def build(cfg: DictConfig, group: str, **kwargs: Any) -> Any:
 
     ``kwargs`` are live objects (policy, DistInfo, ...): they are passed to the constructor
     directly, never through Hydra, which would try to convert them into config nodes."""
+    return build_node(cfg[group], group, **kwargs)
+
+
+def build_node(node: DictConfig, prefix: str, **kwargs: Any) -> Any:
+    """:func:`build` for any config node with a ``_target_``; ``prefix`` is its dotted key."""
     try:
         if kwargs:
-            return instantiate(cfg[group], _partial_=True)(**kwargs)
-        return instantiate(cfg[group])
+            return instantiate(node, _partial_=True)(**kwargs)
+        return instantiate(node)
     except (InstantiationException, ConfigError) as exc:
         cause: BaseException | None = exc
         while cause is not None and not isinstance(cause, ConfigError):
             cause = cause.__cause__
         if cause is None:
             raise
-        raise ConfigError(_key_path(cfg[group], cause.key, cause.value, group), cause.value, cause.allowed) from None
+        raise ConfigError(_key_path(node, cause.key, cause.value, prefix), cause.value, cause.allowed) from None
 
 
 def check_compatible(cfg: DictConfig, dataloader: Any, strategy: Any) -> None:
@@ -109,42 +136,209 @@ def check_domains(choices: Mapping[str, str | None]) -> None:
                       f"domain-neutral one; {group} picks domain '{domains[group]}', and one run cannot mix domains")
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    check_domains(HydraConfig.get().runtime.choices)  # before anything is built
-    configure_host_allocator(cfg.host_allocator)
-    dist = init_distributed(cfg.device)
-    run_dir = Path(broadcast_object(HydraConfig.get().runtime.output_dir, dist))
+def check_finite_values(cfg: DictConfig) -> None:
+    """No NaN or ±inf anywhere in the config: no key of this framework gives them a meaning (a key
+    that can be switched off says so with null), and a NaN slips through every ``x < low`` check."""
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, value, "a finite number (null where the key allows switching it off)")
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+
+
+def _locate(target: str) -> Any:
+    """The object a dotted ``_target_`` names (what Hydra imports, without its error logging)."""
+    parts = target.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not ".".join(parts[:cut]).startswith(exc.name):
+                raise  # the module exists but fails to import one of its own dependencies
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(f"no module named {parts[0]!r}")
+
+
+def _signature(target: str, key: str) -> inspect.Signature | None:
+    try:
+        obj = _locate(target)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(key, target, f"an importable class or function ({type(exc).__name__}: {exc})") from None
+    try:
+        return inspect.signature(obj)
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
+        return None
+
+
+def check_keys(node: Any, prefix: str, live: tuple[str, ...] = ()) -> None:
+    """Every key of every ``_target_`` node under ``node`` is an argument of its constructor, and no
+    required argument is missing (``live`` ones are passed by run.py): an unknown key such as
+    ``+trainer.lerning_rate=1`` stops start-up naming that key, not with a TypeError from Hydra."""
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            check_keys(item, f"{prefix}[{i}]")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    if "_target_" in node:
+        signature = _signature(node._target_, f"{prefix}._target_")
+        if signature is not None:
+            params = signature.parameters
+            keywords = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            configurable = [n for n in keywords if n not in live]
+            if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+                for key in node.keys():
+                    if str(key) not in _HYDRA_KEYS and str(key) not in params:
+                        raise ConfigError(f"{prefix}.{key}", node._get_node(key)._value(),
+                                          f"a key of {node._target_}: {', '.join(configurable)}")
+            if not node.get("_partial_", False):
+                present = {str(k) for k in node.keys()}  # includes keys left ??? (reported below)
+                for name in keywords:
+                    p = params[name]
+                    if p.default is p.empty and name not in present and name not in live:
+                        raise ConfigError(f"{prefix}.{name}", "<missing>", f"a value: {node._target_} needs it")
+    for key in node.keys():
+        if OmegaConf.is_missing(node, key):
+            raise ConfigError(f"{prefix}.{key}", "???", "a value (the config leaves this key for you to set)")
+        check_keys(node._get_node(key), f"{prefix}.{key}")
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    """Build the optimizer on a dummy parameter, so that ``trainer.optimizer.lr=-1`` stops start-up
+    naming the key instead of failing inside the trainer after the model was built."""
+    try:
+        instantiate(cfg.trainer.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        name = next((arg for text, arg in _OPTIMIZER_MESSAGES if text in message.lower()), None)
+        if name is None or name not in cfg.trainer.optimizer:
+            raise ConfigError("trainer.optimizer", cfg.trainer.optimizer._target_, message) from None
+        value = OmegaConf.to_container(cfg.trainer.optimizer, resolve=True)[name]
+        raise ConfigError(f"trainer.optimizer.{name}", value, f"a value torch accepts ({message})") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need neither the model nor the run directory; they run first, on every rank."""
+    check_int("seed", cfg.seed)
+    check_device(cfg.device)
+    if not isinstance(cfg.get("overwrite", False), bool):
+        raise ConfigError("overwrite", cfg.overwrite, "true or false")
+    resume = cfg.trainer.get("resume")
+    if resume is not None and (not isinstance(resume, str) or not resume):
+        raise ConfigError("trainer.resume", resume, "null, auto, or the path of a checkpoint or run directory")
+    check_finite_values(cfg)
+    for group in cfg.keys():
+        check_keys(cfg._get_node(str(group)), str(group), LIVE_ARGUMENTS.get(str(group), ()))
+    check_optimizer(cfg)
+    build_node(cfg.trainer.lr_schedule, "trainer.lr_schedule")
+
+
+class StartupFailure(Exception):
+    """A start-up error raised on rank 0, re-raised on every rank with rank 0's message."""
+
+
+def on_main_rank(dist: DistInfo, step: Callable[[], Any]) -> Any:
+    """Run ``step`` on rank 0 only; if it fails with a user error, every rank stops with the same
+    message (instead of the others waiting forever in the next collective)."""
+    result, message = None, None
+    if dist.is_main:
+        try:
+            result = step()
+        except (ConfigError, DataFormatError, RunDirectoryError) as exc:
+            message = error_line(exc)
+    message = broadcast_object(message, dist)
+    if message is not None:
+        raise StartupFailure(message)
+    return result
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a user error prints."""
+    if isinstance(exc, StartupFailure):
+        return str(exc)
+    text = " ".join(str(exc).split())  # one line, whatever the cause's message held
+    return f"Config error: {text}" if isinstance(exc, ConfigError) else f"error: {text}"
+
+
+def claim_run_dir(cfg: DictConfig, run_dir: Path) -> RunDirectory:
+    """Rank 0: check the resume checkpoint (before anything is written), lock the run directory
+    and claim it for this run (see :mod:`elign.engine.rundir`)."""
+    resume = cfg.trainer.get("resume")
+    check_resume(run_dir, resume)
+    directory = RunDirectory(run_dir)
+    directory.lock()
+    try:
+        directory.claim(resume, bool(cfg.get("overwrite", False)))
+    except BaseException:
+        directory.release()
+        raise
+    return directory
+
+
+def fit(cfg: DictConfig, dist: DistInfo, run_dir: Path) -> dict[str, float]:
+    """Build every group and run the trainer. Every object that holds the process group (DDP's
+    reducer) lives in this frame only, so it is freed when this returns, before the group is
+    destroyed: freed afterwards, the reducer would run the gloo group's destructor while holding
+    the GIL, and that destructor waits for a worker thread that needs the GIL (a hang at exit,
+    seen under load)."""
     torch.manual_seed(cfg.seed)  # model initialisation; iterations reseed themselves
     dataloader = build(cfg, "dataloader")
     strategy = build(cfg, "strategy")
     check_compatible(cfg, dataloader, strategy)
-    policy = build(cfg, "model").to(dist.device)
     # Supervised recipes need no reward or filter (null groups); RL strategies refuse to start without a reward.
     objects = {g: build(cfg, g) if cfg.get(g) is not None else None for g in ("reward", "filter", "logger")}
     objects["evaluator"] = build(cfg, "evaluator") if cfg.get("evaluator") is not None else None
+    policy = build(cfg, "model").to(dist.device)
     trainer = build(cfg, "trainer", policy=policy, strategy=strategy, dataloader=dataloader, run_dir=str(run_dir),
                     dist=dist, **objects)
     # Set after instantiation: passed through instantiate(), Hydra would try to build its _target_s.
     trainer.run_config = OmegaConf.to_container(cfg, resolve=True)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
+    return trainer.fit()
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], Path | None]:
+    """Validate, claim the run directory, build every group and fit. Returns the last metrics and,
+    on rank 0, the run directory (None on other ranks)."""
+    check_domains(HydraConfig.get().runtime.choices)  # before anything is built
+    validate(cfg)
+    configure_host_allocator(cfg.host_allocator)
+    dist = init_distributed(cfg.device)
     try:
-        return trainer.fit()
+        run_dir = Path(broadcast_object(HydraConfig.get().runtime.output_dir, dist))
+        directory = on_main_rank(dist, lambda: claim_run_dir(cfg, run_dir))
+        with directory if directory is not None else contextlib.nullcontext():
+            metrics = fit(cfg, dist, run_dir)
+        return metrics, (run_dir if dist.is_main else None)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # an error's frames would keep fit()'s DDP alive (see fit)
+        raise
     finally:
+        gc.collect()  # objects of fit() in reference cycles go too, while the group still exists
         shutdown(dist)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics = train(cfg)
-    except ConfigError as exc:
-        print(f"Config error: {exc}", file=sys.stderr)
+        metrics, run_dir = train(cfg)
+    except (ConfigError, DataFormatError, RunDirectoryError, StartupFailure) as exc:
+        print(error_line(exc), file=sys.stderr)
         sys.exit(2)
-    if cfg.trainer.best_metric and not Path(HydraConfig.get().runtime.output_dir, "checkpoint_best.pth").exists():
-        print(f"warning: trainer.best_metric={cfg.trainer.best_metric!r} was never logged; no best checkpoint",
-              file=sys.stderr)
+    warning = missing_best_warning(run_dir, cfg.trainer.best_metric) if run_dir is not None else None
+    if warning:
+        print(warning, file=sys.stderr)
     value = metrics.get(cfg.trainer.best_metric) if cfg.trainer.best_metric else None
     return None if value is None else float(value)  # the objective of a sweep
 

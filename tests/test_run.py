@@ -94,6 +94,9 @@ def test_torchrun_two_ranks_one_run_dir(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1], "one line per iteration, from rank 0 only"
     assert (tmp_path / "run" / "checkpoint_latest.pth").is_file()
+    # Rank 0 wrote the best checkpoint; no rank may claim it was never logged.
+    assert (tmp_path / "run" / "checkpoint_best.pth").is_file()
+    assert "never logged" not in out.stderr, out.stderr[-2000:]
 
 
 def experiments() -> list[str]:

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from elign.data.qm9 import QM9Molecule, load_qm9
-from elign.engine.errors import ConfigError
+from elign.engine.errors import ConfigError, check_int
 
 # Atom-type channels of EDM's QM9 model (dataset_info 'qm9_with_h' atom_encoder): H 0, C 1, N 2, O 3, F 4.
 ATOM_DECODER: tuple[int, ...] = (1, 6, 7, 8, 9)
@@ -49,9 +49,8 @@ class QM9Dataset(Dataset):
         self.center = bool(center)
         self.dtype = dtype
         largest = max((m.num_atoms for m in self.molecules), default=0)
-        if max_atoms is not None and int(max_atoms) < largest:
-            raise ConfigError("max_atoms", max_atoms, f"null or at least {largest} (the largest molecule)")
-        self.max_atoms = None if max_atoms is None else int(max_atoms)
+        self.max_atoms = check_int("max_atoms", max_atoms, largest, allow_none=True,
+                                   none_means="pad per batch")
 
     def __len__(self) -> int:
         return len(self.molecules)
@@ -122,6 +121,7 @@ class QM9FileDataset(QM9Dataset):
                  center: bool = True, max_atoms: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         if not Path(path).exists():
             raise ConfigError("path", path, "an existing dsgdb9nsd.xyz.tar.bz2 archive or directory of .xyz files")
+        seed = check_int("seed", seed)
         super().__init__(load_qm9(path, exclude=exclude, split=split, seed=seed), center=center,
                          max_atoms=max_atoms, dtype=dtype)
         self.split = split

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator, Sequence
 from torch.utils.data import Dataset
 
 from elign.data.dataset import collate_qm9
+from elign.engine.errors import check_int
 from elign.engine.sampler import ShardedBatchOrder
 
 
@@ -30,7 +31,7 @@ class MoleculeBatches:
             collate: list of items -> batch.
         """
         self.dataset, self.collate = dataset, collate
-        self.order = ShardedBatchOrder(len(dataset), batch_size, seed, drop_last)  # type: ignore[arg-type]
+        self.order = ShardedBatchOrder(len(dataset), batch_size, check_int("seed", seed), drop_last)  # type: ignore[arg-type]
         self.batch_size = int(batch_size)
 
     def shard(self, rank: int, world_size: int) -> None:

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from elign.edm import persample
 from elign.edm.diffusion import remove_com
 from elign.edm.edge_ops import gated_sum, linear, linear_silu, silu, split_first_linear, valid_edges
-from elign.engine.errors import ConfigError
+from elign.engine.errors import ConfigError, check_int, check_range
 
 N_POS = 3
 # Per-edge compute dtype by config name; None = the parameters' own dtype (no casts).
@@ -239,10 +239,10 @@ class EGNNDynamics(nn.Module):
             raise ConfigError("compute_dtype", compute_dtype, list(COMPUTE_DTYPES))
         for key, value in (("in_node_nf", in_node_nf), ("hidden_nf", hidden_nf), ("num_layers", num_layers),
                            ("inv_sublayers", inv_sublayers)):
-            if int(value) < 1:
-                raise ConfigError(key, value, "a positive integer")
-        if float(normalization_factor) <= 0:
-            raise ConfigError("normalization_factor", normalization_factor, "a positive number")
+            check_int(key, value, 1)
+        check_range("normalization_factor", normalization_factor, 0.0, low_open=True)
+        check_range("coords_range", coords_range, 0.0, low_open=True)
+        check_range("norm_constant", norm_constant, 0.0)  # 0: unit vectors (x_i - x_j) / |x_i - x_j|
         self.in_node_nf = int(in_node_nf)
         self.condition_time = bool(condition_time)
         self.egnn = EGNN(

@@ -18,8 +18,8 @@ from elign.chem.rdkit_mol import smiles_batch
 from elign.chem.stability import check_stability_batch, count_fragments
 from elign.edm.force_reward import QM9_ATOMIC_NUMBERS
 from elign.edm.prompts import QM9_NODE_COUNTS
-from elign.edm.reward_terms import aggregate_forces, formation_energy
-from elign.engine.errors import ConfigError
+from elign.edm.reward_terms import aggregate_forces, check_atom_refs, formation_energy
+from elign.engine.errors import ConfigError, check_int
 from elign.forcefield.base import ForceField
 
 
@@ -135,14 +135,12 @@ class SampleEvaluator:
             atom_refs_ev: per-element reference energies for formation energies; None = total.
             reference_smiles: SMILES file for novelty; None = no novelty.
         """
-        if num_samples < 1:
-            raise ConfigError("num_samples", num_samples, "an integer >= 1")
-        if batch_size < 1:
-            raise ConfigError("batch_size", batch_size, "an integer >= 1")
+        self.num_samples = check_int("num_samples", num_samples, 1)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.seed = check_int("seed", seed)
         if reference_smiles is not None and not Path(reference_smiles).is_file():
             raise ConfigError("reference_smiles", reference_smiles, "an existing SMILES file, or null")
-        self.num_samples, self.batch_size, self.seed = int(num_samples), int(batch_size), int(seed)
-        self.force_field, self.atom_refs = force_field, atom_refs_ev
+        self.force_field, self.atom_refs = force_field, check_atom_refs(atom_refs_ev)
         self.reference = load_reference_smiles(reference_smiles) if reference_smiles else None
 
     def __call__(self, policy: Any) -> dict[str, float]:

@@ -16,7 +16,7 @@ import torch
 from elign.chem.metrics import load_reference_smiles
 from elign.chem.rdkit_mol import smiles_batch
 from elign.edm.force_reward import QM9_ATOMIC_NUMBERS
-from elign.engine.errors import ConfigError
+from elign.engine.errors import ConfigError, check_range
 from elign.engine.rollout import RewardOutput, Rollout
 
 
@@ -38,8 +38,7 @@ class ChemistryFilter:
         """
         for key, value in (("invalid_penalty", invalid_penalty), ("duplicate_penalty", duplicate_penalty),
                            ("novelty_penalty", novelty_penalty)):
-            if value < 0:
-                raise ConfigError(key, value, "a number >= 0 (0 = off)")
+            check_range(key, value, 0.0)  # 0 = off
         if novelty_penalty > 0 and reference_smiles is None:
             raise ConfigError("reference_smiles", None, "a SMILES file when novelty_penalty > 0")
         self.invalid_penalty, self.duplicate_penalty = float(invalid_penalty), float(duplicate_penalty)

@@ -27,13 +27,14 @@ from elign.chem.stability import check_stability_batch, count_fragments
 from elign.edm.reward_terms import (
     FORCE_AGGREGATIONS,
     aggregate_forces,
+    check_atom_refs,
     formation_energy,
     hard_valence_penalty,
     soft_valence,
     transform_energy,
 )
 from elign.edm.shaping import PotentialShaping
-from elign.engine.errors import ConfigError
+from elign.engine.errors import ConfigError, check_finite, check_range
 from elign.engine.rollout import RewardOutput, Rollout
 from elign.forcefield.base import ForceField
 
@@ -91,29 +92,28 @@ class ForceFieldReward:
         """
         if force_aggregation not in FORCE_AGGREGATIONS:
             raise ConfigError("force_aggregation", force_aggregation, FORCE_AGGREGATIONS)
-        if force_clip_ev_per_angstrom is not None and not force_clip_ev_per_angstrom > 0:
-            raise ConfigError("force_clip_ev_per_angstrom", force_clip_ev_per_angstrom, "a number > 0, or null")
-        if not energy_scale_ev > 0:
-            raise ConfigError("energy_scale_ev", energy_scale_ev, "a number > 0")
-        if energy_clip is not None and not energy_clip > 0:
-            raise ConfigError("energy_clip", energy_clip, "a number > 0, or null")
-        if fragment_weight < 0:
-            raise ConfigError("fragment_weight", fragment_weight, "a number >= 0 (0 = off)")
-        if not soft_temperature_angstrom > 0:
-            raise ConfigError("soft_temperature_angstrom", soft_temperature_angstrom, "a number > 0")
+        positive = {"low": 0.0, "low_open": True}
+        self.force_clip = check_range("force_clip_ev_per_angstrom", force_clip_ev_per_angstrom, **positive,
+                                      allow_none=True, none_means="off")
+        self.energy_offset = check_finite("energy_offset_ev", energy_offset_ev)
+        self.energy_scale = check_range("energy_scale_ev", energy_scale_ev, **positive)
+        self.energy_clip = check_range("energy_clip", energy_clip, **positive, allow_none=True, none_means="off")
+        self.w_fragment = check_range("fragment_weight", fragment_weight, 0.0)  # 0 = off
+        self.soft_tau = check_range("soft_temperature_angstrom", soft_temperature_angstrom, **positive)
+        # Signed weights: a negative value flips a term, which is odd but has a meaning; NaN has none.
+        self.w_stable, self.w_atom = check_finite("stability_weight", stability_weight), \
+            check_finite("atom_stability_weight", atom_stability_weight)
+        self.w_under, self.w_over = check_finite("underbond_weight", underbond_weight), \
+            check_finite("overbond_weight", overbond_weight)
+        self.w_soft_under, self.w_soft_over = check_finite("soft_underbond_weight", soft_underbond_weight), \
+            check_finite("soft_overbond_weight", soft_overbond_weight)
         if shaping is not None and "energy" in shaping.channels and not use_energy:
             raise ConfigError("shaping.channels", shaping.channels, "no 'energy' entry unless use_energy is true")
         self.force_field = force_field
-        self.force_aggregation, self.force_clip = force_aggregation, force_clip_ev_per_angstrom
+        self.force_aggregation = force_aggregation
         self.use_energy = bool(use_energy)
-        self.atom_refs = None if atom_refs_ev is None else {int(k): float(v) for k, v in dict(atom_refs_ev).items()}
-        self.energy_per_atom, self.energy_offset, self.energy_scale = energy_per_atom, energy_offset_ev, energy_scale_ev
-        self.energy_clip = energy_clip
-        self.w_stable, self.w_atom = float(stability_weight), float(atom_stability_weight)
-        self.w_under, self.w_over = float(underbond_weight), float(overbond_weight)
-        self.w_soft_under, self.w_soft_over = float(soft_underbond_weight), float(soft_overbond_weight)
-        self.soft_tau = float(soft_temperature_angstrom)
-        self.w_fragment = float(fragment_weight)
+        self.atom_refs = check_atom_refs(atom_refs_ev)
+        self.energy_per_atom = energy_per_atom
         self.force_only_if_stable, self.energy_only_if_stable = force_only_if_stable, energy_only_if_stable
         self.shaping = shaping
 

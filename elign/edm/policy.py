@@ -27,7 +27,7 @@ from elign.edm.egnn import EGNNDynamics
 from elign.edm.losses import encode_latent, noise_prediction_loss
 from elign.edm.persample import PerSampleTape
 from elign.edm.schedule import PolynomialSchedule
-from elign.engine.errors import ConfigError
+from elign.engine.errors import ConfigError, check_int
 from elign.engine.rollout import Rollout, StepLogProbs
 
 CHARGE_SCALE = 10.0  # the charge channel holds atomic number / 10 (upstream normalize_factors)
@@ -109,22 +109,19 @@ class EDMPolicy:
         full_precision_steps: int = 1,
     ) -> None:
         steps = schedule.steps
-        if int(num_steps) < 1 or steps % int(num_steps) != 0:
-            divisors = ", ".join(map(str, _divisors(steps)))
-            raise ConfigError("num_steps", num_steps, f"divisors of {steps}: {divisors}")
-        self.num_steps = int(num_steps)
-        if not 0 <= int(skip_prefix) < self.num_steps:
-            raise ConfigError("skip_prefix", skip_prefix, f"an integer in [0, num_steps - 1 = {self.num_steps - 1}]")
-        if int(skip_prefix) > 0 and not share_initial_noise:
+        divisors = f"divisors of {steps}: {', '.join(map(str, _divisors(steps)))}"
+        self.num_steps = check_int("num_steps", num_steps, 1, allowed=divisors)
+        if steps % self.num_steps != 0:
+            raise ConfigError("num_steps", num_steps, divisors)
+        self.skip_prefix = check_int("skip_prefix", skip_prefix, 0, self.num_steps - 1,
+                                     allowed=f"an integer in [0, num_steps - 1 = {self.num_steps - 1}]")
+        if self.skip_prefix > 0 and not share_initial_noise:
             raise ConfigError("skip_prefix", skip_prefix, "0 unless share_initial_noise is true")
-        if rollout_batch_size is not None and int(rollout_batch_size) < 1:
-            raise ConfigError("rollout_batch_size", rollout_batch_size, "null or a positive multiple of the group size")
-        if not 0 <= int(full_precision_steps) <= self.num_steps:
-            raise ConfigError("full_precision_steps", full_precision_steps, f"an integer in [0, num_steps = {self.num_steps}]")
-        self.full_precision_steps = int(full_precision_steps)
+        # a multiple of the group size: checked again when the group size is known (rollout)
+        self.rollout_batch_size = check_int("rollout_batch_size", rollout_batch_size, 1, allow_none=True,
+                                            allowed="null or a positive multiple of the group size")
+        self.full_precision_steps = check_int("full_precision_steps", full_precision_steps, 0, self.num_steps)
         self.share_initial_noise = bool(share_initial_noise)
-        self.skip_prefix = int(skip_prefix)
-        self.rollout_batch_size = None if rollout_batch_size is None else int(rollout_batch_size)
         self.record_z0_pred = bool(record_z0_pred)
         self.module: nn.Module = dynamics
         self.schedule = schedule
@@ -372,6 +369,9 @@ class EDMPolicy:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise ConfigError("checkpoint", path, "null or an existing weights file") from None
+        except Exception as err:  # noqa: BLE001 - empty, truncated, random bytes, pickled objects: all unreadable
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise ConfigError("checkpoint", path, f"null or a readable weights file (cannot load {path}: {first})") from None
         try:
             self.module.load_state_dict(extract_dynamics_state(obj), strict=True)
         except (ValueError, RuntimeError) as err:

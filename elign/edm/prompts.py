@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical
 
-from elign.engine.errors import ConfigError
+from elign.engine.errors import ConfigError, check_int, check_range
 
 # Atoms per QM9 molecule (with hydrogens) -> number of molecules, in upstream EDM's source order
 # (configs/datasets_config.py, qm9_with_h). The order matters: the categorical distribution is built
@@ -49,16 +49,16 @@ class NodeCountPrompts:
         focus_max: int | None = None,
         focus_factor: float = 1.0,
     ) -> None:
-        if int(group_size) < 1:
-            raise ConfigError("group_size", group_size, "a positive integer")
-        if int(batch_size) < 1 or int(batch_size) % int(group_size) != 0:
-            raise ConfigError("batch_size", batch_size, f"a positive multiple of group_size={int(group_size)}")
+        self.group_size = check_int("group_size", group_size, 1)
+        multiple = f"a positive multiple of group_size={self.group_size}"
+        self.batch_size = check_int("batch_size", batch_size, 1, allowed=multiple)
+        if self.batch_size % self.group_size != 0:
+            raise ConfigError("batch_size", batch_size, multiple)
         if histogram not in HISTOGRAMS:
             raise ConfigError("histogram", histogram, sorted(HISTOGRAMS))
-        if not float(focus_factor) > 0.0:
-            raise ConfigError("focus_factor", focus_factor, "a positive number")
-        self.batch_size = int(batch_size)
-        self.group_size = int(group_size)
+        check_range("focus_factor", focus_factor, 0.0, low_open=True)
+        check_int("focus_min", focus_min, allow_none=True, none_means="the smallest count")
+        check_int("focus_max", focus_max, allow_none=True, none_means="the largest count")
         self.num_prompts = self.batch_size // self.group_size
         counts = HISTOGRAMS[histogram]
         self.node_counts = torch.tensor(list(counts.keys()), dtype=torch.long)

@@ -7,14 +7,25 @@ evaluation) gives a NaN output for that molecule, never a silent 0.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from elign.chem.bonds import threshold_tables_angstrom
 from elign.chem.stability import valence_gaps
+from elign.engine.errors import check_finite, check_int
 
 FORCE_AGGREGATIONS = ("rms", "max")
+
+
+def check_atom_refs(atom_refs_ev: Mapping[int, float] | None, key: str = "atom_refs_ev") -> dict[int, float] | None:
+    """``{Z: E_ref}`` with integer atomic numbers in 1..118 and finite energies (eV), else a
+    :class:`~elign.engine.errors.ConfigError` naming ``<key>.<Z>``; None stays None (total energies)."""
+    if atom_refs_ev is None:
+        return None
+    return {check_int(f"{key}.{z}", z, 1, 118): check_finite(f"{key}.{z}", e) for z, e in dict(atom_refs_ev).items()}
 
 
 def aggregate_forces(forces: Tensor, mask: Tensor, mode: str, clip_ev_per_angstrom: float | None) -> Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from elign.engine.errors import ConfigError
+from elign.engine.errors import check_int, check_range
 
 
 def polynomial_alphas2(steps: int, power: float, precision: float, clip_value: float = 0.001) -> Tensor:
@@ -39,15 +39,9 @@ class PolynomialSchedule(nn.Module):
 
     def __init__(self, steps: int = 1000, power: float = 2.0, precision: float = 1e-5) -> None:
         super().__init__()
-        if int(steps) < 1:
-            raise ConfigError("steps", steps, "a positive integer")
-        if float(power) <= 0:
-            raise ConfigError("power", power, "a positive number")
-        if not 0.0 < float(precision) < 0.5:
-            raise ConfigError("precision", precision, "a number in (0, 0.5)")
-        self.steps = int(steps)
-        self.power = float(power)
-        self.precision = float(precision)
+        self.steps = check_int("steps", steps, 1)
+        self.power = check_range("power", power, 0.0, low_open=True)
+        self.precision = check_range("precision", precision, 0.0, 0.5, low_open=True, high_open=True)
         alphas2 = polynomial_alphas2(self.steps, self.power, self.precision)
         sigmas2 = 1.0 - alphas2
         # Computed in float64 and stored in float32, like upstream's numpy table, so values agree.

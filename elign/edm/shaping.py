@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from elign.engine.errors import ConfigError
+from elign.engine.errors import ConfigError, check_int, check_range
 
 SCHEDULE_MODES = ("uniform", "adaptive")
 
@@ -60,12 +60,9 @@ class RewardScheduler:
         if mode not in SCHEDULE_MODES:
             raise ConfigError("mode", mode, SCHEDULE_MODES)
         for key, value in (("stride", stride), ("coarse_stride", coarse_stride), ("fine_stride", fine_stride)):
-            if int(value) < 1:
-                raise ConfigError(key, value, "an integer >= 1")
-        if start_step < 0:
-            raise ConfigError("start_step", start_step, "an integer >= 0")
-        if not 0.0 <= threshold_fraction <= 1.0:
-            raise ConfigError("threshold_fraction", threshold_fraction, "a number in [0, 1]")
+            check_int(key, value, 1)
+        check_int("start_step", start_step, 0)
+        check_range("threshold_fraction", threshold_fraction, 0.0, 1.0)
         self.mode, self.start_step, self.stride = mode, int(start_step), int(stride)
         self.coarse_stride, self.fine_stride = int(coarse_stride), int(fine_stride)
         self.threshold_fraction, self.include_terminal = float(threshold_fraction), bool(include_terminal)
@@ -91,6 +88,4 @@ class PotentialShaping:
         channels = list(channels)
         if not channels or any(c not in allowed for c in channels):
             raise ConfigError("channels", channels, f"a non-empty subset of {list(allowed)}")
-        if batch_size < 1:
-            raise ConfigError("batch_size", batch_size, "an integer >= 1")
-        self.scheduler, self.channels, self.batch_size = scheduler, channels, int(batch_size)
+        self.scheduler, self.channels, self.batch_size = scheduler, channels, check_int("batch_size", batch_size, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from elign.engine.errors import ConfigError, check_int
+
 LATEST = "checkpoint_latest.pth"
 BEST = "checkpoint_best.pth"
+#: What a trainer checkpoint must hold to be resumed (see ``Trainer._state``).
+RESUME_KEYS = ("iteration", "optimizer_steps", "model", "optimizer", "scheduler", "rng")
+#: The temporary files of :func:`atomic_save` for the run directory's checkpoints: ``mkstemp``'s
+#: ``.<name>.<8 random characters>.tmp``. A kill between mkstemp and the rename leaves one behind.
+_STALE_TEMPORARY = re.compile(r"\.(%s|%s)\.[A-Za-z0-9_]{8}\.tmp" % (re.escape(LATEST), re.escape(BEST)))
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -45,6 +53,60 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # corrupt file, or one holding pickled objects
         raise RuntimeError(f"cannot load checkpoint {path}: {exc}") from exc
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files that a process killed inside :func:`atomic_save` left in
+    ``run_dir`` (only names of the ``atomic_save`` pattern for ``checkpoint_latest.pth`` /
+    ``checkpoint_best.pth``). Only safe while holding the run directory's lock (no live writer
+    can own them). Returns the deleted paths."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    removed = [p for p in run_dir.iterdir() if _STALE_TEMPORARY.fullmatch(p.name) and p.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_resume(run_dir: str | Path, resume: str | None, key: str = "trainer.resume") -> Path | None:
+    """The checkpoint a run will resume from (as :meth:`CheckpointManager.resolve_resume`), after
+    checking that it is a readable trainer checkpoint; a missing, empty, truncated or foreign file
+    is a :class:`ConfigError` naming ``key`` and the file. Tensors are memory-mapped, not read, so
+    this costs little more than opening the archive."""
+    try:
+        path = CheckpointManager(run_dir, 1, None, "max", enabled=False).resolve_resume(resume)
+    except FileNotFoundError:
+        target = Path(str(resume))
+        target = target / LATEST if target.is_dir() else target
+        raise ConfigError(key, resume, f"null, auto, or an existing checkpoint file (no file {target})") from None
+    if path is None:
+        return None
+    if path.stat().st_size == 0:
+        raise ConfigError(key, resume, f"a readable trainer checkpoint; {path} is empty")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - empty, truncated, random bytes, pickled objects: all "unreadable"
+        raise ConfigError(key, resume, f"a readable trainer checkpoint; cannot load {path}: {_first_line(exc)}") from None
+    missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ConfigError(key, resume, f"a trainer checkpoint; {path} lacks {', '.join(missing)} "
+                                       "(a weights-only file is a model's starting weights, not a run to resume)")
+    return path
+
+
+def missing_best_warning(run_dir: str | Path, best_metric: str | None) -> str | None:
+    """The warning for a run that configured ``best_metric`` but has no ``checkpoint_best.pth``
+    (None when there is nothing to warn about). Call it on the rank that writes the files."""
+    if not best_metric or (Path(run_dir) / BEST).is_file():
+        return None
+    return (f"warning: trainer.best_metric={best_metric!r} was never logged with a finite value; "
+            f"no best checkpoint in {run_dir}")
 
 
 def capture_rng() -> dict[str, Any]:
@@ -79,8 +141,10 @@ class CheckpointManager:
 
     def __init__(self, run_dir: str | Path, save_interval: int, best_metric: str | None, best_mode: str,
                  enabled: bool = True) -> None:
+        if best_mode not in ("max", "min"):
+            raise ConfigError("best_mode", best_mode, ("max", "min"))
         self.run_dir = Path(run_dir)
-        self.save_interval = save_interval
+        self.save_interval = check_int("save_interval", save_interval, 1)
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.enabled = enabled

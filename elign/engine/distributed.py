@@ -9,6 +9,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from elign.engine.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -26,12 +30,28 @@ class DistInfo:
         return self.world_size > 1
 
 
+def check_device(device: str, local_rank: int = 0) -> None:
+    """Raise :class:`ConfigError` (key ``device``) unless ``device`` is usable on this machine by
+    the process with ``local_rank``: a GPU that is not there must not become a CUDA traceback."""
+    if device not in DEVICES:
+        raise ConfigError("device", device, DEVICES)
+    if device != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError("device", device, "auto or cpu (this machine has no usable CUDA device)")
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError("device", device, f"auto or cpu, or at most {torch.cuda.device_count()} processes per "
+                                            f"node (LOCAL_RANK={local_rank} has no GPU)")
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group when launched by ``torchrun`` (RANK/WORLD_SIZE set); otherwise a
-    single process. gloo on CPU, nccl on GPU. ``device``: "auto", "cpu" or "cuda"."""
+    single process. gloo on CPU, nccl on GPU. ``device``: "auto", "cpu" or "cuda" (checked by
+    :func:`check_device`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    check_device(device, local_rank)
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:

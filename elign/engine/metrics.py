@@ -6,9 +6,12 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from elign.engine.errors import ConfigError, DataFormatError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -22,13 +25,22 @@ class MetricsWriter:
 
     def truncate_from(self, iteration: int) -> None:
         """On resume, drop lines of iterations >= ``iteration`` (logged after the checkpoint that
-        is being resumed), so the file holds each iteration exactly once."""
+        is being resumed), so the file holds each iteration exactly once. A torn last line (the
+        previous run was killed while writing it) is dropped with a warning."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("iteration", -1) < iteration]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        kept = [row for row in parse_metrics(self.path) if row.get("iteration", -1) < iteration]
+        self._rewrite(kept)
+
+    def reset(self) -> None:
+        """Drop every line: a run that starts at iteration 0 (nothing to resume) must not append
+        to the lines of an earlier attempt in the same directory."""
+        if self.enabled and self.path.is_file():
+            self._rewrite([])
+
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
         os.replace(tmp, self.path)
 
     def write(self, metrics: dict[str, Any]) -> None:
@@ -39,19 +51,36 @@ class MetricsWriter:
             f.write(json.dumps(clean) + "\n")
 
 
+def parse_metrics(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a ``metrics.jsonl`` file, one per non-empty line.
+
+    A malformed last line is what a kill in the middle of a write leaves behind: it is dropped
+    with a warning naming the file. A malformed line before it is damage, not a torn write, and
+    raises :class:`DataFormatError` with the file and line number."""
+    lines = path.read_text().splitlines()
+    numbered = [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
+    rows: list[dict[str, Any]] = []
+    for k, (lineno, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            if k == len(numbered) - 1:
+                warnings.warn(f"{path}:{lineno}: dropping a torn last line (an interrupted write): {line[:80]!r}",
+                              stacklevel=3)
+                break
+            raise DataFormatError(str(path), lineno, f"not a JSON object line ({exc})") from None
+        rows.append(row)
+    return rows
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All lines of a ``metrics.jsonl`` file (or of ``<dir>/metrics.jsonl``)."""
+    """All lines of a ``metrics.jsonl`` file (or of ``<dir>/metrics.jsonl``); see :func:`parse_metrics`."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not a JSON line ({exc})") from exc
-    return rows
+    return parse_metrics(path)
 
 
 class PhaseTimer:
@@ -99,7 +128,6 @@ class WandbLogger:
             tags: run tags.
         """
         if mode not in ("offline", "online", "disabled"):
-            from elign.engine.errors import ConfigError
             raise ConfigError("mode", mode, ["offline", "online", "disabled"])
         self.project, self.entity, self.mode, self.tags = project, entity, mode, list(tags or [])
         self.run_id: str | None = None

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from elign.engine.errors import ConfigError, check_finite
 from elign.engine.losses import gaussian_step_kl
 
 
@@ -242,9 +243,9 @@ class ConstantReward:
             metrics: constant diagnostics to report (e.g. ``{"stability": 1.0}``).
         """
         if not values:
-            raise ValueError("ConstantReward needs at least one channel in `values`")
-        self.values = {str(k): float(v) for k, v in dict(values).items()}
-        self.metrics = {str(k): float(v) for k, v in dict(metrics or {}).items()}
+            raise ConfigError("values", values, "at least one channel -> value")
+        self.values = {str(k): check_finite(f"values.{k}", v) for k, v in dict(values).items()}
+        self.metrics = {str(k): check_finite(f"metrics.{k}", v) for k, v in dict(metrics or {}).items()}
 
     def __call__(self, rollout: Rollout) -> RewardOutput:
         b = rollout.batch_size

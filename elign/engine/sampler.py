@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from elign.engine.errors import ConfigError
+from elign.engine.errors import ConfigError, check_int
 
 
 class ShardedBatchOrder:
@@ -24,9 +24,9 @@ class ShardedBatchOrder:
             seed: seed of the per-epoch permutations.
             drop_last: skip each epoch's incomplete last batch (constant batch size).
         """
-        if not 1 <= batch_size or (drop_last and batch_size > num_items):
-            raise ConfigError("batch_size", batch_size, f"an integer in [1, {num_items}] (the dataset size)")
-        self.num_items, self.batch_size, self.seed, self.drop_last = int(num_items), int(batch_size), int(seed), drop_last
+        # (with drop_last, a batch larger than the dataset would never be full)
+        batch_size = check_int("batch_size", batch_size, 1, num_items if drop_last else None)
+        self.num_items, self.batch_size, self.seed, self.drop_last = int(num_items), batch_size, check_int("seed", seed), drop_last
         self.rank, self.world_size = 0, 1
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)

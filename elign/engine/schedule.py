@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from elign.engine.errors import ConfigError
+from elign.engine.errors import check_int, check_range
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -36,15 +36,10 @@ class WarmupCosineSchedule:
             total_steps: optimizer step at which the decay ends; None = the trainer's total count.
             min_lr_ratio: final LR as a fraction of the base LR, in (0, 1].
         """
-        if warmup_steps < 0:
-            raise ConfigError("warmup_steps", warmup_steps, "an integer >= 0")
-        if total_steps is not None and total_steps < 1:
-            raise ConfigError("total_steps", total_steps, "an integer >= 1, or null for the whole run")
-        if not 0.0 < min_lr_ratio <= 1.0:
-            raise ConfigError("min_lr_ratio", min_lr_ratio, "a number in (0, 1] (LR must never reach 0)")
-        self.warmup_steps = int(warmup_steps)
-        self.total_steps = None if total_steps is None else int(total_steps)
-        self.min_lr_ratio = float(min_lr_ratio)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        self.total_steps = check_int("total_steps", total_steps, 1, allow_none=True, none_means="the whole run")
+        # (0, 1]: the LR must never reach 0
+        self.min_lr_ratio = check_range("min_lr_ratio", min_lr_ratio, 0.0, 1.0, low_open=True)
 
     def bind(self, total_steps: int) -> "WarmupCosineSchedule":
         """Fill ``total_steps`` if it was left null."""
@@ -66,9 +61,7 @@ class ConstantSchedule:
         Args:
             warmup_steps: optimizer steps of linear warmup.
         """
-        if warmup_steps < 0:
-            raise ConfigError("warmup_steps", warmup_steps, "an integer >= 0")
-        self.warmup_steps = int(warmup_steps)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
 
     def bind(self, total_steps: int) -> "ConstantSchedule":
         return self

@@ -17,14 +17,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from elign.engine.bookkeeping import RewardBook
 from elign.engine.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
 from elign.engine.distributed import DistInfo, reduce_mean
 from elign.engine.ema import ParameterEMA
-from elign.engine.errors import ConfigError
+from elign.engine.errors import ConfigError, check_int, check_range
 from elign.engine.metrics import MetricsWriter, NullLogger, PhaseTimer
+from elign.engine.progress import Progress
 from elign.engine.policy_state import load_policy_state_dict, param_groups, policy_state_dict, trainable_parameters
 from elign.engine.rollout import Filter, IdentityFilter, Policy, PromptSource, Reward
 from elign.engine.updates import (THROUGHPUT, FusedUpdate, OptimizerStep, ReplayedUpdate, SupervisedUpdate,
@@ -97,7 +97,7 @@ class Trainer:
             best_mode: "max" or "min".
             resume: None, "auto" (this run directory's latest checkpoint) or a checkpoint path.
             seed: base seed; every iteration reseeds from (seed, iteration, rank).
-            progress: show progress on rank 0.
+            progress: show progress on rank 0 (a tqdm bar on a terminal, a line every ~5 % in a log).
             ema_decay: exponential moving average of the trainable weights (0 = off).
             eval_interval: run ``evaluator`` every this many iterations and at the end (0 = never).
             old_logp: PPO's behaviour log-probs, "rollout" (recorded while sampling) or "recompute"
@@ -108,21 +108,17 @@ class Trainer:
             ddp: DistributedDataParallel options (find_unused_parameters, static_graph,
                 gradient_as_bucket_view); None = torch's defaults.
         """
-        for key, value, low in (("max_iterations", max_iterations, 1), ("micro_batch_size", micro_batch_size, 1),
-                                ("grad_accum_steps", 1 if grad_accum_steps is None else grad_accum_steps, 1),
-                                ("inner_epochs", inner_epochs, 1), ("save_interval", save_interval, 1),
-                                ("step_chunk_size", 1 if step_chunk_size is None else step_chunk_size, 1)):
-            if not int(value) >= low:
-                raise ConfigError(key, value, f"an integer >= {low}" + (", or null" if key in (
-                    "grad_accum_steps", "step_chunk_size") else ""))
+        max_iterations, micro_batch_size = check_int("max_iterations", max_iterations, 1), check_int("micro_batch_size", micro_batch_size, 1)
+        inner_epochs, save_interval = check_int("inner_epochs", inner_epochs, 1), check_int("save_interval", save_interval, 1)
+        step_chunk_size = check_int("step_chunk_size", step_chunk_size, 1, allow_none=True, none_means="all steps")
+        grad_accum_steps = check_int("grad_accum_steps", grad_accum_steps, 1, allow_none=True,
+                                     none_means="a rollout's micro-batches (RL) or 1 (supervised)")
+        seed, eval_interval = check_int("seed", seed), check_int("eval_interval", eval_interval, 0)
+        max_grad_norm = check_range("max_grad_norm", max_grad_norm, 0, low_open=True, allow_none=True, none_means="no clipping")
         if best_mode not in BEST_MODES:
             raise ConfigError("best_mode", best_mode, BEST_MODES)
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ConfigError("max_grad_norm", max_grad_norm, "a number > 0, or null for no clipping")
         if not (ema_decay == 0 or 0 < ema_decay < 1):
             raise ConfigError("ema_decay", ema_decay, "0 (off) or a number in (0, 1)")
-        if not eval_interval >= 0:
-            raise ConfigError("eval_interval", eval_interval, "an integer >= 0 (0 = never)")
         ddp = dict(ddp or {})
         if set(ddp) - set(DDP_OPTIONS):
             raise ConfigError("ddp", sorted(set(ddp) - set(DDP_OPTIONS)), DDP_OPTIONS)
@@ -132,7 +128,8 @@ class Trainer:
         self.filter = filter or IdentityFilter()
         self.logger = logger or NullLogger()
         self.dist, self.run_dir, self.run_config = dist, Path(run_dir), run_config or {}
-        self.max_iterations, self.resume, self.seed, self.progress = int(max_iterations), resume, int(seed), progress
+        self.max_iterations, self.resume, self.seed, self.progress = max_iterations, resume, seed, progress
+        self.display = Progress(show=progress, is_main=dist.is_main)  # a bar on a terminal, lines in a log
         self.group_size = int(dataloader.group_size)
         self.supervised = getattr(strategy, "kind", "rl") == "supervised"
         self.evaluator, self.eval_interval = evaluator, int(eval_interval)
@@ -159,8 +156,8 @@ class Trainer:
             self.replay.step = self.step
             self.fused, missing = fused_applies(fused_rollout, policy, strategy, steps_per_iteration)
             self.fused_update = FusedUpdate(strategy, self.step, dist)
-            if fused_rollout == "auto" and dist.is_main and progress:
-                tqdm.write("fused_rollout=auto: " + ("on" if self.fused else "off (needs " + "; ".join(missing) + ")"))
+            if fused_rollout == "auto":
+                self.display.write("fused_rollout=auto: " + ("on" if self.fused else "off (needs " + "; ".join(missing) + ")"))
         self.ddp: DistributedDataParallel | None = None
         if dist.enabled:
             self.ddp = DistributedDataParallel(policy.module, device_ids=[dist.device.index] if dist.device.type == "cuda"
@@ -180,10 +177,9 @@ class Trainer:
         start = self._restore()
         if self.dist.is_main:
             self.logger.start(str(self.run_dir), self.run_config, getattr(self.logger, "run_id", None))
-        bar = tqdm(range(start, self.max_iterations), initial=start, total=self.max_iterations,
-                   disable=not (self.progress and self.dist.is_main), desc="iterations", dynamic_ncols=True)
+        self.display.start(total=self.max_iterations, initial=start)
         metrics: dict[str, float] = {}
-        for iteration in bar:
+        for iteration in range(start, self.max_iterations):
             seed_iteration(self.seed, iteration, self.dist.rank)
             timer = PhaseTimer()
             metrics = self._supervised_iteration(timer) if self.supervised else self._rl_iteration(timer)
@@ -198,8 +194,8 @@ class Trainer:
             if self.dist.is_main:
                 self.logger.log(metrics, step=iteration)
             self.checkpoints.save(self._state(iteration + 1), iteration + 1, metrics, last)
-            bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.4g}" for k in
-                             ("reward/total", "train/loss", "train/clip_frac") if k in metrics})
+            self.display.update(iteration, metrics)
+        self.display.close()
         if self.dist.is_main:
             self.logger.finish()
         return metrics
@@ -267,6 +263,7 @@ class Trainer:
         """Load the resume checkpoint if any; returns the first iteration to run."""
         path = self.checkpoints.resolve_resume(self.resume)
         if path is None:
+            self.writer.reset()  # starts at iteration 0: lines of an earlier attempt must not stay
             return 0
         state = load_checkpoint(path, map_location=self.dist.device)
         load_policy_state_dict(self.policy, state["model"])
@@ -286,6 +283,5 @@ class Trainer:
             self.logger.run_id = run_id
         start = int(state["iteration"])
         self.writer.truncate_from(start)
-        if self.dist.is_main:
-            tqdm.write(f"resumed from {path} at iteration {start}")
+        self.display.write(f"resumed from {path} at iteration {start}")
         return start

@@ -15,11 +15,17 @@ Conventions (every backend follows them):
   apply one explicitly, and can count the reasons.
 - Unit conversions at each backend's boundary use the :mod:`ase.units` constants collected in
   :mod:`elign.forcefield.units` (Hartree, Bohr, kcal/mol).
+- Physically impossible molecules are failures for every backend, whatever the backend says:
+  two atoms closer than ``min_distance_angstrom`` are not sent to it, and a result with an atomic
+  force above ``max_force_ev_per_angstrom`` is discarded. Without these, GFN2-xTB "succeeds" on two
+  atoms 1e-4 Å apart with 6.7e5 eV and 6.7e9 eV/Å, a finite number that would dominate a reward.
 
-Reason codes used by several backends (backends add their own, documented in their modules):
+Reason codes used by every backend (backends add their own, documented in their modules):
 ``"no_atoms"`` (mask all False), ``"nonfinite_positions"`` (NaN/inf coordinates),
-``"invalid_atomic_number"`` (Z outside 1..118 on a real atom), ``"nonfinite_output"`` (the backend
-returned NaN/inf), ``"worker_crashed"`` (a worker process died while evaluating the molecule).
+``"invalid_atomic_number"`` (Z outside 1..118 on a real atom), ``"below_min_distance"`` (two atoms
+closer than ``min_distance_angstrom``), ``"nonfinite_output"`` (the backend returned NaN/inf),
+``"force_too_large"`` (an atomic force norm above ``max_force_ev_per_angstrom``),
+``"worker_crashed"`` (a worker process died while evaluating the molecule).
 """
 
 from __future__ import annotations
@@ -34,9 +40,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from elign.engine.errors import check_range
+
 # A molecule handed to a backend: (atomic numbers [n] int64, positions [n, 3] Å float64), real
 # atoms only, in padded-row order. Defined in the torch-free module the worker processes import.
-from elign.forcefield.kernels import Molecule
+from elign.forcefield.kernels import Molecule, min_pair_distance
+
+#: Default of every backend's ``min_distance_angstrom``: below the shortest real bond (H-H, 0.74 Å);
+#: at 0.5 Å GFN2-xTB's forces are already 20-1800 eV/Å depending on the pair.
+MIN_DISTANCE_ANGSTROM = 0.5
+#: Default of every backend's ``max_force_ev_per_angstrom``: noisy QM9-size geometries stay below
+#: ~50 eV/Å; beyond 1000 eV/Å (2.3e4 kcal/mol/Å) the number says nothing about the molecule.
+MAX_FORCE_EV_PER_ANGSTROM = 1000.0
 
 
 @dataclass
@@ -111,10 +126,28 @@ class ForceField(ABC):
     """A batched energy/force calculator (see the module docstring for units and conventions).
 
     Subclasses implement :meth:`compute_molecules` on unpadded numpy molecules; this class does
-    the validation, unpadding and re-padding, so every backend handles padding and bad inputs
-    the same way. Backends that hold resources (worker processes) override :meth:`close`; every
-    force field is a context manager (``with XTBForceField(...) as ff: ...``).
+    the validation, unpadding and re-padding, and the physical-plausibility checks, so every
+    backend handles padding, bad inputs and impossible results the same way. Subclasses call
+    ``super().__init__(min_distance_angstrom=..., max_force_ev_per_angstrom=...)``. Backends that
+    hold resources (worker processes) override :meth:`close`; every force field is a context
+    manager (``with XTBForceField(...) as ff: ...``).
     """
+
+    # Class-level values for a subclass that does not call __init__: the checks stay on.
+    min_distance_angstrom: float = MIN_DISTANCE_ANGSTROM
+    max_force_ev_per_angstrom: float | None = MAX_FORCE_EV_PER_ANGSTROM
+
+    def __init__(self, *, min_distance_angstrom: float, max_force_ev_per_angstrom: float | None) -> None:
+        """
+        Args:
+            min_distance_angstrom: two atoms closer than this (Å) make the molecule a failure
+                (``below_min_distance``) before the backend sees it; 0 = off.
+            max_force_ev_per_angstrom: an atomic force norm above this (eV/Å) makes the molecule a
+                failure (``force_too_large``); None = no limit.
+        """
+        self.min_distance_angstrom = check_range("min_distance_angstrom", min_distance_angstrom, 0.0)
+        self.max_force_ev_per_angstrom = check_range("max_force_ev_per_angstrom", max_force_ev_per_angstrom, 0.0,
+                                                     low_open=True, allow_none=True, none_means="no limit")
 
     def __call__(self, positions: Tensor, atomic_numbers: Tensor, mask: Tensor) -> ForceFieldResult:
         """Evaluate a padded batch.
@@ -151,6 +184,8 @@ class ForceField(ABC):
                 results[i] = MoleculeResult.failed("nonfinite_positions")
             elif numbers.min() < 1 or numbers.max() > 118:
                 results[i] = MoleculeResult.failed("invalid_atomic_number")
+            elif self.min_distance_angstrom > 0 and min_pair_distance(coords) < self.min_distance_angstrom:
+                results[i] = MoleculeResult.failed("below_min_distance")
             else:
                 todo.append(i)
                 molecules.append((np.ascontiguousarray(numbers), np.ascontiguousarray(coords)))
@@ -163,7 +198,7 @@ class ForceField(ABC):
                     f"for {len(molecules)} molecules"
                 )
             for i, res in zip(todo, computed):
-                results[i] = _checked(res, int(mask_np[i].sum()))
+                results[i] = _checked(res, int(mask_np[i].sum()), self.max_force_ev_per_angstrom)
 
         energy = np.full(b, np.nan)
         forces = np.zeros((b, n, 3))
@@ -213,8 +248,9 @@ class ForceField(ABC):
         self.close()
 
 
-def _checked(res: MoleculeResult, num_atoms: int) -> MoleculeResult:
-    """Turn a success with a wrong shape or non-finite numbers into an explicit failure."""
+def _checked(res: MoleculeResult, num_atoms: int, max_force: float | None) -> MoleculeResult:
+    """Turn a success with a wrong shape, non-finite numbers or an atomic force norm above
+    ``max_force`` (eV/Å; None = no limit) into an explicit failure."""
     if res.reason is not None:
         return MoleculeResult.failed(res.reason)
     if res.forces is None or res.forces.shape != (num_atoms, 3):
@@ -222,4 +258,6 @@ def _checked(res: MoleculeResult, num_atoms: int) -> MoleculeResult:
         raise RuntimeError(f"backend returned forces of shape {shape}, expected ({num_atoms}, 3)")
     if not (math.isfinite(res.energy) and np.isfinite(res.forces).all()):
         return MoleculeResult.failed("nonfinite_output")
+    if max_force is not None and num_atoms and float(np.linalg.norm(res.forces, axis=1).max()) > max_force:
+        return MoleculeResult.failed("force_too_large")
     return res

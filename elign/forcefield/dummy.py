@@ -1,7 +1,8 @@
-"""A constant force field for plumbing tests: energy ``energy`` eV, zero forces, always ok.
+"""A constant force field for plumbing tests: energy ``energy`` eV, zero forces.
 
-It still goes through :class:`~elign.forcefield.base.ForceField`'s input checks, so an empty or
-non-finite molecule is reported as a failure exactly as with the real backends.
+It still goes through :class:`~elign.forcefield.base.ForceField`'s input checks, so an empty,
+non-finite or collapsed molecule (atoms closer than ``min_distance_angstrom``) is reported as a
+failure exactly as with the real backends.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from elign.forcefield.base import ForceField, Molecule, MoleculeResult
+from elign.engine.errors import check_finite
+from elign.forcefield.base import MAX_FORCE_EV_PER_ANGSTROM, MIN_DISTANCE_ANGSTROM, ForceField, Molecule, MoleculeResult
 
 
 class DummyForceField(ForceField):
@@ -18,10 +20,13 @@ class DummyForceField(ForceField):
 
     Args:
         energy: the energy returned for every molecule, eV.
+        min_distance_angstrom, max_force_ev_per_angstrom: see :class:`~elign.forcefield.base.ForceField`.
     """
 
-    def __init__(self, energy: float = 0.0) -> None:
-        self.energy = float(energy)
+    def __init__(self, energy: float = 0.0, *, min_distance_angstrom: float = MIN_DISTANCE_ANGSTROM,
+                 max_force_ev_per_angstrom: float | None = MAX_FORCE_EV_PER_ANGSTROM) -> None:
+        super().__init__(min_distance_angstrom=min_distance_angstrom, max_force_ev_per_angstrom=max_force_ev_per_angstrom)
+        self.energy = check_finite("energy", energy)
 
     def compute_molecules(self, molecules: Sequence[Molecule]) -> list[MoleculeResult]:
         """``energy`` and zero forces for each molecule."""

@@ -21,7 +21,8 @@ single-threaded spawn processes, 0 or 1 in the calling process.
 
 from __future__ import annotations
 
-from elign.engine.errors import ConfigError
+from elign.engine.errors import ConfigError, check_int
+from elign.forcefield.base import MAX_FORCE_EV_PER_ANGSTROM, MIN_DISTANCE_ANGSTROM
 from elign.forcefield.pooled import PooledForceField
 from elign.forcefield.kernels import mmff_singlepoints
 
@@ -35,10 +36,14 @@ class MMFFForceField(PooledForceField):
         variant: "MMFF94" (default) or "MMFF94s".
         charge: total charge of every molecule, e (used by bond-order perception).
         num_workers: worker processes; 0 or 1 = in the calling process.
+        min_distance_angstrom, max_force_ev_per_angstrom: see :class:`~elign.forcefield.base.ForceField`.
     """
 
-    def __init__(self, *, variant: str = "MMFF94", charge: int = 0, num_workers: int = 0) -> None:
+    def __init__(self, *, variant: str = "MMFF94", charge: int = 0, num_workers: int = 0,
+                 min_distance_angstrom: float = MIN_DISTANCE_ANGSTROM,
+                 max_force_ev_per_angstrom: float | None = MAX_FORCE_EV_PER_ANGSTROM) -> None:
         if variant not in MMFF_VARIANTS:
             raise ConfigError("variant", variant, MMFF_VARIANTS)
-        self.config = {"variant": variant, "charge": int(charge)}
-        super().__init__(mmff_singlepoints, num_workers, preload=("rdkit.Chem.rdDetermineBonds",))
+        self.config = {"variant": variant, "charge": check_int("charge", charge)}
+        super().__init__(mmff_singlepoints, num_workers, preload=("rdkit.Chem.rdDetermineBonds",),
+                         min_distance_angstrom=min_distance_angstrom, max_force_ev_per_angstrom=max_force_ev_per_angstrom)

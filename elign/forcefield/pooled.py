@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Sequence
 
-from elign.engine.errors import ConfigError
+from elign.engine.errors import check_int
 from elign.forcefield._pool import WorkerPool
 from elign.forcefield.base import ForceField, Molecule, MoleculeResult
 
@@ -16,15 +16,16 @@ Kernel = Callable[[dict[str, Any], list[Molecule]], list[tuple[float, Any, Any]]
 class PooledForceField(ForceField):
     """Shared dispatch of the xTB and MMFF backends: ``num_workers >= 2`` maps chunks of molecules
     over a :class:`WorkerPool` (a crashed worker marks its molecules ``worker_crashed``), fewer runs
-    the kernel in process. Subclasses set ``config`` (sent to the kernel) and ``kernel``."""
+    the kernel in process. Subclasses set ``config`` (sent to the kernel) and pass the kernel and
+    :class:`ForceField`'s ``min_distance_angstrom`` / ``max_force_ev_per_angstrom``."""
 
     config: dict[str, Any]
 
-    def __init__(self, kernel: Kernel, num_workers: int, preload: Sequence[str]) -> None:
-        if num_workers < 0:
-            raise ConfigError("num_workers", num_workers, "an integer >= 0")
-        self.kernel, self.num_workers = kernel, num_workers
-        self._pool = WorkerPool(num_workers, preload=tuple(preload)) if num_workers >= 2 else None
+    def __init__(self, kernel: Kernel, num_workers: int, preload: Sequence[str], *, min_distance_angstrom: float,
+                 max_force_ev_per_angstrom: float | None) -> None:
+        super().__init__(min_distance_angstrom=min_distance_angstrom, max_force_ev_per_angstrom=max_force_ev_per_angstrom)
+        self.kernel, self.num_workers = kernel, check_int("num_workers", num_workers, 0)
+        self._pool = WorkerPool(self.num_workers, preload=tuple(preload)) if self.num_workers >= 2 else None
 
     def in_process(self) -> contextlib.AbstractContextManager:
         """Context for the in-process kernel call (xTB limits OpenMP threads there)."""

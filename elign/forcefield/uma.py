@@ -39,8 +39,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from elign.engine.errors import ConfigError
-from elign.forcefield.base import ForceField, Molecule, MoleculeResult
+from elign.engine.errors import ConfigError, check_int
+from elign.forcefield.base import (MAX_FORCE_EV_PER_ANGSTROM, MIN_DISTANCE_ANGSTROM, ForceField, Molecule,
+                                   MoleculeResult)
 from elign.forcefield.kernels import SAME_ATOM_DISTANCE, min_pair_distance
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ class UMAForceField(ForceField):
         charge: total charge of every molecule, e (``atoms.info["charge"]``).
         spin: spin multiplicity of every molecule (``atoms.info["spin"]``; 1 = singlet).
         dtype: "float32" (fairchem's default) or "float64" (for finite-difference checks).
+        min_distance_angstrom, max_force_ev_per_angstrom: see :class:`~elign.forcefield.base.ForceField`
+            (an ML potential extrapolates without complaint far outside its training data).
 
     Raises:
         UMALoadError: the model cannot be loaded.
@@ -144,23 +147,20 @@ class UMAForceField(ForceField):
         charge: int = 0,
         spin: int = 1,
         dtype: str = "float32",
+        min_distance_angstrom: float = MIN_DISTANCE_ANGSTROM,
+        max_force_ev_per_angstrom: float | None = MAX_FORCE_EV_PER_ANGSTROM,
     ) -> None:
-        if batch_size < 1:
-            raise ConfigError("batch_size", batch_size, "an integer >= 1")
+        super().__init__(min_distance_angstrom=min_distance_angstrom, max_force_ev_per_angstrom=max_force_ev_per_angstrom)
+        self.batch_size = check_int("batch_size", batch_size, 1)
         if device not in DEVICES:
             raise ConfigError("device", device, DEVICES)
         if dtype not in DTYPES:
             raise ConfigError("dtype", dtype, DTYPES)
         # fairchem's own ranges for omol (api/inference.py: CHARGE_RANGE, SPIN_RANGE)
-        if not -100 <= charge <= 100:
-            raise ConfigError("charge", charge, "an integer in [-100, 100]")
-        if not 0 <= spin <= 100:
-            raise ConfigError("spin", spin, "an integer in [0, 100]")
+        self.charge = check_int("charge", charge, -100, 100)
+        self.spin = check_int("spin", spin, 0, 100)
         self.model = model
-        self.batch_size = batch_size
         self.task_name = task_name
-        self.charge = int(charge)
-        self.spin = int(spin)
         self.predictor = load_uma_predictor(model, inference_settings, device, dtype)
 
         tasks = self.predictor.dataset_to_tasks

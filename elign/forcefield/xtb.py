@@ -23,7 +23,8 @@ from typing import Iterator
 
 import torch
 
-from elign.engine.errors import ConfigError
+from elign.engine.errors import ConfigError, check_int, check_range
+from elign.forcefield.base import MAX_FORCE_EV_PER_ANGSTROM, MIN_DISTANCE_ANGSTROM
 from elign.forcefield.pooled import PooledForceField
 from elign.forcefield.kernels import xtb_singlepoints
 
@@ -44,6 +45,9 @@ class XTBForceField(PooledForceField):
         electronic_temperature: Fermi smearing temperature, K (xtb's default is 300 K).
         charge: total charge of every molecule, e.
         uhf: number of unpaired electrons of every molecule.
+        min_distance_angstrom: closer atoms make a molecule a failure before tblite sees it
+            (tblite itself only refuses near-coincident atoms and returns absurd numbers above that).
+        max_force_ev_per_angstrom: a larger atomic force makes the molecule a failure; None = no limit.
     """
 
     def __init__(
@@ -56,27 +60,22 @@ class XTBForceField(PooledForceField):
         electronic_temperature: float,
         charge: int = 0,
         uhf: int = 0,
+        min_distance_angstrom: float = MIN_DISTANCE_ANGSTROM,
+        max_force_ev_per_angstrom: float | None = MAX_FORCE_EV_PER_ANGSTROM,
     ) -> None:
         if method not in XTB_METHODS:
             raise ConfigError("method", method, XTB_METHODS)
-        if not accuracy > 0:
-            raise ConfigError("accuracy", accuracy, "a number > 0")
-        if max_iterations < 1:
-            raise ConfigError("max_iterations", max_iterations, "an integer >= 1")
-        if not electronic_temperature >= 0:
-            raise ConfigError("electronic_temperature", electronic_temperature, "a temperature >= 0 K")
-        if uhf < 0:
-            raise ConfigError("uhf", uhf, "an integer >= 0")
         # Plain dict: this is what is pickled to the workers with every chunk.
         self.config = {
             "method": method,
-            "accuracy": float(accuracy),
-            "max_iterations": int(max_iterations),
-            "electronic_temperature": float(electronic_temperature),
-            "charge": int(charge),
-            "uhf": int(uhf),
+            "accuracy": check_range("accuracy", accuracy, 0.0, low_open=True),
+            "max_iterations": check_int("max_iterations", max_iterations, 1),
+            "electronic_temperature": check_range("electronic_temperature", electronic_temperature, 0.0),
+            "charge": check_int("charge", charge),
+            "uhf": check_int("uhf", uhf, 0),
         }
-        super().__init__(xtb_singlepoints, num_workers, preload=("tblite.interface",))
+        super().__init__(xtb_singlepoints, num_workers, preload=("tblite.interface",),
+                         min_distance_angstrom=min_distance_angstrom, max_force_ev_per_angstrom=max_force_ev_per_angstrom)
 
     def in_process(self) -> contextlib.AbstractContextManager:
         return _one_openmp_thread()

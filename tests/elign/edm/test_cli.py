@@ -58,3 +58,59 @@ def test_sample_from_a_model_config_uses_the_weights_it_names(tmp_path):
     OmegaConf.save(bare, tmp_path / "bare.yaml")
     with pytest.raises(SystemExit, match="--checkpoint"):
         main(["sample", "--model-config", str(tmp_path / "bare.yaml"), "--num", "2", "--out", str(out)])
+
+
+def _bad_samples(tmp_path, damage):
+    path = tmp_path / "samples.pt"
+    if damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "random":
+        path.write_bytes(bytes(range(256)) * 8)
+    elif damage == "keys":
+        torch.save({"positions": torch.zeros(2, 3, 3), "atomic_numbers": torch.ones(2, 3, dtype=torch.long)}, path)
+    elif damage == "shapes":
+        torch.save({"positions": torch.zeros(2, 3, 3), "atomic_numbers": torch.ones(2, 4, dtype=torch.long),
+                    "node_mask": torch.ones(2, 3, dtype=torch.bool)}, path)
+    elif damage == "directory":
+        path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("damage,reason", [("missing", "no such samples file"), ("empty", "not a readable samples file"),
+                                           ("random", "not a readable samples file"),
+                                           ("keys", "not a samples file: needs tensors positions, atomic_numbers, node_mask"),
+                                           ("shapes", "inconsistent shapes"), ("directory", "no such samples file")])
+def test_evaluate_bad_samples_file_exits_2_naming_it(tmp_path, capsys, damage, reason):
+    path = _bad_samples(tmp_path, damage)
+    with pytest.raises(SystemExit) as info:
+        main(["evaluate", "--samples", str(path), "--force-field", "none"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}: {reason}"), err
+
+
+def test_unreadable_inputs_of_the_other_commands_exit_2_naming_them(tmp_path, capsys):
+    corrupt = tmp_path / "ckpt.pth"
+    corrupt.write_bytes(b"\x00garbage")
+    for argv, named in [(["export", "--checkpoint", str(corrupt), "--out", str(tmp_path / "w.pth")], corrupt),
+                        (["sample", "--run-dir", str(tmp_path), "--out", str(tmp_path / "s.pt")],
+                         tmp_path / "config.yaml"),
+                        (["report", str(tmp_path)], tmp_path / "metrics.jsonl")]:
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1 and str(named) in err, (argv, err)
+
+
+def test_the_module_entry_point_exits_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run([sys.executable, "-m", "elign.edm.cli", "evaluate", "--samples", str(tmp_path / "none.pt")],
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: {tmp_path / 'none.pt'}: no such samples file (written by `sample`)"

@@ -12,6 +12,7 @@ import torch
 from elign.engine.errors import ConfigError
 from elign.forcefield import BACKENDS, build_force_field
 from elign.forcefield._pool import WorkerPool, split_chunks
+from elign.forcefield.base import ForceField, MoleculeResult
 from elign.forcefield.dummy import DummyForceField
 from elign.forcefield.units import BOHR_ANGSTROM, HARTREE_EV, KB_HARTREE_PER_K, KCAL_PER_MOL_EV
 
@@ -53,6 +54,44 @@ def test_bad_inputs_are_failures_with_reasons_not_numbers():
     assert torch.isnan(res.forces[1, :3]).all() and torch.isnan(res.forces[2, :3]).all()
     assert res.num_failed == 3
     assert res.reason_counts() == {"no_atoms": 1, "nonfinite_positions": 1, "invalid_atomic_number": 1}
+
+
+class HugeForces(ForceField):
+    """A backend that reports success with whatever forces it is given (an extrapolating ML model)."""
+
+    def __init__(self, force, **limits):
+        super().__init__(**{"min_distance_angstrom": 0.5, "max_force_ev_per_angstrom": 1000.0, **limits})
+        self.force = force
+
+    def compute_molecules(self, molecules):
+        return [MoleculeResult(-1.0, np.full((len(z), 3), self.force)) for z, _ in molecules]
+
+
+def test_atoms_closer_than_min_distance_fail_before_the_backend_runs():
+    close = (np.array([6, 1]), np.array([[0.0, 0.0, 0.0], [0.49, 0.0, 0.0]]))
+    apart = (np.array([6, 1]), np.array([[0.0, 0.0, 0.0], [0.51, 0.0, 0.0]]))
+    res = DummyForceField()(*pad([close, apart, WATER]))
+    assert res.reasons == ["below_min_distance", None, None] and res.ok.tolist() == [False, True, True]
+    assert math.isnan(res.energy[0]) and torch.isnan(res.forces[0, :2]).all()
+    assert res.reason_counts() == {"below_min_distance": 1}
+    assert DummyForceField(min_distance_angstrom=0.0)(*pad([close])).ok.item(), "0 switches the check off"
+
+
+def test_absurd_forces_are_a_failure_for_any_backend():
+    pos, z, mask = pad([WATER, WATER])
+    assert HugeForces(999.0 / math.sqrt(3))(pos, z, mask).ok.all()  # |F| = 999 eV/Å: under the limit
+    res = HugeForces(600.0)(pos, z, mask)  # |F| = 1039 eV/Å per atom
+    assert res.reasons == ["force_too_large"] * 2 and not res.ok.any() and torch.isnan(res.energy).all()
+    assert HugeForces(600.0, max_force_ev_per_angstrom=None)(pos, z, mask).ok.all(), "null switches it off"
+    assert HugeForces(math.inf)(pos, z, mask).reasons == ["nonfinite_output"] * 2
+
+
+@pytest.mark.parametrize("limits", [{"min_distance_angstrom": math.nan}, {"min_distance_angstrom": -1.0},
+                                    {"max_force_ev_per_angstrom": math.nan}, {"max_force_ev_per_angstrom": 0.0},
+                                    {"energy": math.nan}, {"energy": math.inf}])
+def test_dummy_rejects_meaningless_values(limits):
+    with pytest.raises(ConfigError, match=next(iter(limits))):
+        DummyForceField(**limits)
 
 
 def test_padding_atoms_get_zero_forces_even_for_failed_molecules():

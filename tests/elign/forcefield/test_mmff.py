@@ -82,8 +82,10 @@ def test_bad_molecule_fails_with_reason_and_nan(mmff, molecule, reason):
         p = p.copy()
         p[1] = p[0]  # exactly on top of each other: segfaults RDKit's Hückel if not caught first
         molecule = (z, p)
+        assert mmff(*pad([molecule])).reasons == ["below_min_distance"]  # the shared check comes first
+        mmff = MMFFForceField(num_workers=0, min_distance_angstrom=0.0)  # without it, MMFF's own guard
     elif molecule == "noisy":
-        molecule = embed("CCO", seed=2, noise=0.6)
+        molecule = embed("CCO", seed=2, noise=0.4)  # nearest atoms 0.67 Å apart: above min_distance_angstrom
     pos, z, mask = pad([WATER, molecule], front=1)
     res = mmff(pos, z, mask)
     assert res.reasons == [None, reason]
@@ -97,3 +99,7 @@ def test_bad_config_names_the_key():
         MMFFForceField(variant="UFF")
     with pytest.raises(ConfigError, match="num_workers"):
         MMFFForceField(num_workers=-2)
+    for key, value in (("charge", math.nan), ("num_workers", 1.5), ("min_distance_angstrom", math.inf),
+                       ("max_force_ev_per_angstrom", -1.0)):
+        with pytest.raises(ConfigError, match=key):
+            MMFFForceField(**{key: value})

@@ -80,10 +80,12 @@ def test_padded_batch_equals_one_at_a_time(checkpoint):
         np.testing.assert_allclose(res.forces[i][mask[i]].numpy(), single.forces[0].numpy(), atol=1e-5)
 
 
-def test_bad_molecules_fail_with_reason_and_nan(uma64):
+def test_bad_molecules_fail_with_reason_and_nan(uma64, monkeypatch):
     z, p = embed("CCO", seed=2)
     overlap = (z, p.copy())
     overlap[1][1] = overlap[1][0]
+    assert uma64(*pad([overlap])).reasons == ["below_min_distance"]  # the shared check comes first
+    monkeypatch.setattr(uma64, "min_distance_angstrom", 0.0)  # without it, UMA's own guard
     far_apart = (np.array([8, 8]), np.array([[0.0, 0.0, 0.0], [7.0, 0.0, 0.0]]))  # beyond the 6 Å cutoff
     single_atom = (np.array([6]), np.zeros((1, 3)))
     unknown = (np.array([6, 110]), np.array([[0.0, 0.0, 0.0], [1.5, 0.0, 0.0]]))
@@ -116,6 +118,10 @@ def test_bad_config_names_the_key(checkpoint):
         UMAForceField(model=str(checkpoint), batch_size=8, task_name="omat_typo")
     with pytest.raises(ConfigError, match="inference_settings"):
         UMAForceField(model=str(checkpoint), batch_size=8, inference_settings="turbo2")
+    for key, value in (("batch_size", math.nan), ("charge", math.inf), ("spin", 1.5),
+                       ("min_distance_angstrom", math.nan), ("max_force_ev_per_angstrom", 0.0)):
+        with pytest.raises(ConfigError, match=key):
+            UMAForceField(model=str(checkpoint), **{"batch_size": 8, key: value})
 
 
 def test_predict_exception_isolated_to_its_molecule(checkpoint, monkeypatch):

@@ -71,13 +71,31 @@ def test_overlapping_atoms_fail_without_numbers(xtb, batch):
     bad = (mols[2][0], mols[2][1].copy())
     bad[1][1] = bad[1][0]  # two atoms on top of each other
     pos, z, mask = pad([mols[1], bad, mols[3]], front=1)
+    with XTBForceField(num_workers=0, **SETTINGS, min_distance_angstrom=0.0) as unchecked:
+        assert unchecked(pos, z, mask).reasons == [None, "atoms_too_close", None]  # tblite's own refusal
     res = xtb(pos, z, mask)
     assert res.ok.tolist() == [True, False, True]
-    assert res.reasons == [None, "atoms_too_close", None]
+    assert res.reasons == [None, "below_min_distance", None]  # the shared check comes first
     assert math.isnan(res.energy[1].item())
     assert torch.isnan(res.forces[1][mask[1]]).all() and (res.forces[1][~mask[1]] == 0).all()
     # the good neighbours are unaffected
     assert res.energy[0].item() == pytest.approx(xtb(*pad([mols[1]])).energy.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("limits,reason", [
+    ({}, "below_min_distance"),
+    ({"min_distance_angstrom": 0.0}, "force_too_large"),  # the force limit alone catches it too
+])
+def test_atoms_1e_4_angstrom_apart_are_a_failure_not_a_number(limits, reason):
+    """tblite "succeeds" here: 6.7e5 eV and 6.7e9 eV/Å, finite numbers that became rewards."""
+    ch = (np.array([6, 1]), np.array([[0.0, 0.0, 0.0], [1e-4, 0.0, 0.0]]))
+    with XTBForceField(num_workers=0, **SETTINGS, **limits) as ff:
+        res = ff(*pad([WATER, ch]))
+    assert res.ok.tolist() == [True, False] and res.reasons == [None, reason]
+    assert math.isnan(res.energy[1].item()) and torch.isnan(res.forces[1, :2]).all()
+    with XTBForceField(num_workers=0, **SETTINGS, min_distance_angstrom=0.0, max_force_ev_per_angstrom=None) as off:
+        raw = off(*pad([ch]))
+    assert raw.ok.item() and raw.forces.norm(dim=-1).max() > 1e9  # what tblite returns with both checks off
 
 
 def test_unsupported_element_is_reported(xtb):
@@ -94,7 +112,10 @@ def test_scf_failure_is_reported():
 
 @pytest.mark.parametrize(
     "key,value",
-    [("method", "GFN3"), ("num_workers", -1), ("accuracy", 0.0), ("max_iterations", 0), ("electronic_temperature", -1.0)],
+    [("method", "GFN3"), ("num_workers", -1), ("accuracy", 0.0), ("max_iterations", 0), ("electronic_temperature", -1.0),
+     ("accuracy", math.nan), ("max_iterations", math.nan), ("electronic_temperature", math.inf), ("charge", math.nan),
+     ("uhf", 0.5), ("num_workers", math.nan), ("min_distance_angstrom", -0.1), ("min_distance_angstrom", math.nan),
+     ("max_force_ev_per_angstrom", 0.0), ("max_force_ev_per_angstrom", math.inf)],
 )
 def test_bad_config_names_the_key(key, value):
     kwargs = dict(num_workers=0, **SETTINGS)
