@@ -109,6 +109,10 @@ class WorkerPool:
 
     def _ensure_started(self) -> ProcessPoolExecutor:
         if self._executor is None:
+            if multiprocessing.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
+                # Inside a joblib (loky) sweep job the start method is "loky", which spawn children
+                # are told to use and cannot find ("cannot find context for 'loky'").
+                multiprocessing.set_start_method("spawn", force=True)
             ctx = multiprocessing.get_context("spawn")
             executor = ProcessPoolExecutor(
                 max_workers=self.num_workers,
