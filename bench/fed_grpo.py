@@ -127,7 +127,7 @@ def main() -> None:
     total = sum(mean.values())
     b = prompts.batch_size
     print(f"seconds per iteration: {total:.2f}  (" + ", ".join(f"{p} {mean[p]:.2f}" for p in phases) + ")")
-    if trainer.fused_rollout:  # the rollout phase also backpropagates: not a sampling figure
+    if trainer.fused:  # the rollout phase also backpropagates: not a sampling figure
         print("trainer.fused_rollout: the rollout takes the per-sample gradients; the update only combines them")
         print(f"iteration throughput: {b / total:.2f} molecules/s (sampling alone: --sample-only)")
     else:

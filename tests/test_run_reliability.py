@@ -108,9 +108,9 @@ def _resume_file(tmp_path, damage):
 def test_bad_start_exits_2_with_one_line_naming_the_key_or_file(tmp_path, case):
     run_dir = tmp_path / "run"
     names = {"device": "device", "lr": "trainer.optimizer.lr", "seed": "seed", "unknown-key": "trainer.lerning_rate",
-             "nan": "strategy.failure_penalty"}
+             "nan": "trainer.failure_penalty"}
     args = {"device": ["device=cuda"], "lr": ["trainer.optimizer.lr=-1"], "seed": ["seed=abc"],
-            "unknown-key": ["+trainer.lerning_rate=1e-3"], "nan": ["strategy.failure_penalty=nan"]}.get(case, [])
+            "unknown-key": ["+trainer.lerning_rate=1e-3"], "nan": ["trainer.failure_penalty=nan"]}.get(case, [])
     if case == "device" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     if case.startswith("resume"):
@@ -157,10 +157,10 @@ from elign.engine.errors import ConfigError  # noqa: E402
 
 #: (override, subtree whose numeric keys are checked). ConstantReward (reward=dummy) and the trainer and
 #: strategy constructors are checked by run.py's whole-config pass; their constructors are the lead's.
-SUBTREES = [("model=edm_small", "model"), ("dataloader=qm9_nodes", "dataloader"),
-            ("dataloader=qm9_sample", "dataloader"), ("filter=chem", "filter"), ("reward=xtb", "reward"),
-            ("reward=mmff", "reward"), ("reward=uma", "reward"), ("evaluator=edm", "evaluator"),
-            ("experiment=elign_pbrs_xtb", "reward.shaping"), ("trainer=default", "trainer.lr_schedule")]
+SUBTREES = [("model=edm/small", "model"), ("dataloader=edm/qm9_nodes", "dataloader"),
+            ("dataloader=edm/qm9_sample", "dataloader"), ("filter=edm/chem", "filter"), ("reward=edm/xtb", "reward"),
+            ("reward=edm/mmff", "reward"), ("reward=edm/uma", "reward"), ("evaluator=edm/sample", "evaluator"),
+            ("experiment=edm/elign_pbrs_xtb", "reward.shaping"), ("trainer=default", "trainer.lr_schedule")]
 
 
 def _compose(*overrides):
@@ -210,8 +210,8 @@ def test_every_numeric_key_rejects_nan_and_inf_naming_itself(override, subtree):
     assert not accepted, accepted
 
 
-@pytest.mark.parametrize("override", ["reward=xtb", "reward=mmff", "reward=uma", "evaluator=edm",
-                                      "experiment=elign_pbrs_xtb", "experiment=elign_evidence"])
+@pytest.mark.parametrize("override", ["reward=edm/xtb", "reward=edm/mmff", "reward=edm/uma", "evaluator=edm/sample",
+                                      "experiment=edm/elign_pbrs_xtb", "experiment=edm/elign_evidence"])
 def test_every_force_field_node_states_the_physical_limits(override):
     """The limits have defaults in the signatures; the configs must still say what they are."""
     cfg = _compose(override)
@@ -237,11 +237,11 @@ def test_validate_names_unknown_missing_and_unset_keys():
     assert unknown.key == "reward.force_field.acuracy" and "accuracy" in unknown.allowed
     assert "policy" not in _key_of(run_module.validate, _compose("+trainer.x=1")).allowed, "live objects are no keys"
     assert _key_of(run_module.validate, _compose("~reward.force_field.accuracy")).key == "reward.force_field.accuracy"
-    assert _key_of(run_module.validate, _compose("dataloader=qm9")).key == "dataloader.dataset.path"  # left ???
+    assert _key_of(run_module.validate, _compose("dataloader=edm/qm9")).key == "dataloader.dataset.path"  # left ???
     bad_target = _key_of(run_module.validate, _compose("model.dynamics._target_=elign.edm.egnn.Nope"))
     assert bad_target.key == "model.dynamics._target_"
     run_module.validate(_compose())  # the default job passes
-    run_module.validate(_compose("experiment=elign_pbrs_xtb"))
+    run_module.validate(_compose("experiment=edm/elign_pbrs_xtb"))
 
 
 @pytest.mark.parametrize("override,key", [

@@ -73,7 +73,7 @@ def test_logp_old_equals_recomputed_log_prob_float32() -> None:
     logp, kl = out.logp, out.gaussian_kl()
     assert logp.requires_grad
     # the reference is the same network here: its log-probs are the policy's
-    torch.testing.assert_close(out.ref_logp, logp.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.ref_logp, logp.detach(), atol=1e-4, rtol=0)
     torch.testing.assert_close(logp.detach(), ro.logp_old, atol=1e-4, rtol=0)
     torch.testing.assert_close(kl.detach(), torch.zeros_like(kl), atol=1e-6, rtol=0)
 

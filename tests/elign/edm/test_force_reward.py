@@ -11,6 +11,7 @@ from rdkit.Chem import AllChem
 from elign.edm.filter import ChemistryFilter
 from elign.edm.force_reward import ForceFieldReward
 from elign.edm.shaping import PotentialShaping, RewardScheduler
+from elign.engine.bookkeeping import RewardBook
 from elign.engine.rollout import Rollout
 from elign.engine.strategies.fed_grpo import FedGRPOStrategy
 from elign.forcefield.dummy import DummyForceField
@@ -88,10 +89,11 @@ def test_failed_molecule_is_nan_with_reason_and_engine_penalty(xtb):
     out = reward(xtb)(rollout)
     assert math.isnan(out.channels["force"][1]) and math.isnan(out.channels["energy"][1])
     assert out.failures == {"ff_nonfinite_positions": 1}
-    strategy = FedGRPOStrategy({"force": 1.0, "energy": 0.1}, 1.0, "terminal", 1.0, 5.0, 1e-8, 0.2, 0.0, -7.0)
-    _, metrics = strategy.advantages(out, rollout)
+    strategy = FedGRPOStrategy({"force": 1.0, "energy": 0.1}, 1.0, "terminal", 1.0, 5.0, 1e-8, 0.2, 0.0)
+    scored, metrics = RewardBook(failure_penalty=-7.0)(out, rollout, strategy.reward_weights)
     assert metrics["reward/failed_ff_nonfinite_positions"] == 1.0
     assert metrics["reward/force_failed"] == 1.0
+    assert scored.channels["force"][1] == -7.0 and scored.channels["energy"][1] == -7.0
 
 
 def test_stability_bonus_gate_and_penalties_enter_force_channel():

@@ -154,7 +154,7 @@ def test_edm_trainer_fused_and_replayed_updates_agree(tmp_path) -> None:
                                    dataloader=run_module.build(cfg, "dataloader"), run_dir=str(tmp_path / str(fused)),
                                    dist=DistInfo(0, 1, 0, torch.device("cpu")), reward=run_module.build(cfg, "reward"),
                                    filter=run_module.build(cfg, "filter"))
-        assert trainer.fused_rollout is fused
+        assert trainer.fused is fused
         start = [p.detach().clone() for p in policy.module.parameters()]
         trainer.fit()
         weights[fused] = [p.detach().clone() for p in policy.module.parameters()]
