@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -12,6 +13,16 @@ import torch.distributed as dist
 from elign.engine.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
+
+if dist.is_available():
+    # torch.distributed.nn.functional binds ``group=group.WORLD`` as default arguments when it is
+    # first imported, and DistributedDataParallel's first construction imports it (via torch._dynamo).
+    # Imported after init_process_group, those defaults hold the default process group for the life
+    # of the interpreter: destroy_process_group then frees nothing, gloo's worker threads run into
+    # interpreter shutdown, and one that drops the last reference to a finished collective's Python
+    # tensor there aborts the rank ("terminate called without an active exception"). Imported here,
+    # before any group exists, the defaults are None.
+    import torch.distributed.nn  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -44,10 +55,14 @@ def check_device(device: str, local_rank: int = 0) -> None:
                                             f"node (LOCAL_RANK={local_rank} has no GPU)")
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", init_method: str | None = None,
+                     timeout: timedelta | None = None) -> DistInfo:
     """Join the process group when launched by ``torchrun`` (RANK/WORLD_SIZE set); otherwise a
     single process. gloo on CPU, nccl on GPU. ``device``: "auto", "cpu" or "cuda" (checked by
-    :func:`check_device`)."""
+    :func:`check_device`).
+
+    ``init_method``: rendezvous URL; None is torchrun's ``env://`` (MASTER_ADDR/MASTER_PORT).
+    ``timeout``: how long a collective may wait for the other ranks; None is torch's default."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -57,7 +72,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method=init_method,
+                                rank=rank, world_size=world, timeout=timeout)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
@@ -106,6 +122,8 @@ def barrier(info: DistInfo) -> None:
 
 
 def shutdown(info: DistInfo) -> None:
+    """Leave the process group. Its backend (gloo's worker and I/O threads) is freed here only if
+    nothing else still references the group; see the ``torch.distributed.nn`` import above."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -27,8 +27,8 @@ from elign.engine.metrics import MetricsWriter, NullLogger, PhaseTimer
 from elign.engine.progress import Progress
 from elign.engine.policy_state import load_policy_state_dict, param_groups, policy_state_dict, trainable_parameters
 from elign.engine.rollout import Filter, IdentityFilter, Policy, PromptSource, Reward
-from elign.engine.updates import (THROUGHPUT, FusedUpdate, OptimizerStep, ReplayedUpdate, SupervisedUpdate,
-                                  fused_applies)
+from elign.engine.updates import (THROUGHPUT, FusedUpdate, GradientSync, OptimizerStep, ReplayedUpdate,
+                                  SupervisedUpdate, fused_applies)
 
 BEST_MODES = ("max", "min")
 DDP_OPTIONS = ("find_unused_parameters", "static_graph", "gradient_as_bucket_view")
@@ -140,10 +140,11 @@ class Trainer:
                                   "under torchrun (each rank must see different samples)")
             dataloader.shard(dist.rank, dist.world_size)
 
+        self.sync = GradientSync()
         named = trainable_parameters(policy)
         self.optimizer = optimizer(param_groups(policy))
         self.ema = ParameterEMA(named, ema_decay) if ema_decay > 0 else None
-        self.replay = ReplayedUpdate(policy, strategy, None, dist, self._sync, int(micro_batch_size), step_chunk_size,
+        self.replay = ReplayedUpdate(policy, strategy, None, dist, self.sync, int(micro_batch_size), step_chunk_size,
                                      grad_accum_steps, int(inner_epochs), old_logp, self.group_size) \
             if not self.supervised else None
         steps_per_iteration = 1 if self.supervised else self.replay.optimizer_steps(int(dataloader.batch_size))
@@ -151,7 +152,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule.bind(self.total_optimizer_steps))
         self.step = OptimizerStep([p for _, p in named], self.optimizer, self.scheduler, max_grad_norm, self.ema)
         if self.supervised:
-            self.supervised_update = SupervisedUpdate(policy, strategy, self.step, self._sync, grad_accum_steps)
+            self.supervised_update = SupervisedUpdate(policy, strategy, self.step, self.sync, grad_accum_steps)
         else:
             self.replay.step = self.step
             self.fused, missing = fused_applies(fused_rollout, policy, strategy, steps_per_iteration)
@@ -162,7 +163,8 @@ class Trainer:
         if dist.enabled:
             self.ddp = DistributedDataParallel(policy.module, device_ids=[dist.device.index] if dist.device.type == "cuda"
                                                else None, **ddp)
-            policy.distribute(lambda module: self.ddp)
+            ddp_module = self.sync.ddp = self.ddp
+            policy.distribute(lambda module: ddp_module)
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints = CheckpointManager(self.run_dir, save_interval, best_metric, best_mode, enabled=dist.is_main)
@@ -239,10 +241,6 @@ class Trainer:
         self.policy.module.eval()
         with torch.random.fork_rng(), (self.ema.swapped_in() if self.ema else contextlib.nullcontext()):
             return {k if k.startswith("eval/") else f"eval/{k}": float(v) for k, v in self.evaluator(self.policy).items()}
-
-    def _sync(self, sync: bool) -> contextlib.AbstractContextManager:
-        """Under DDP, all-reduce gradients only on the last backward before an optimizer step."""
-        return contextlib.nullcontext() if (self.ddp is None or sync) else self.ddp.no_sync()
 
     # -- checkpoints --------------------------------------------------------------------------
 

@@ -22,6 +22,21 @@ from elign.engine.rollout import FusedPolicy, PerSampleGradients, Rollout
 from elign.engine.strategies.base import BatchCounts, LossInputs, RLStrategy
 
 OLD_LOGP = ("rollout", "recompute")
+
+
+class GradientSync:
+    """Under DDP, all-reduce gradients only on the last backward before an optimizer step:
+    ``with sync(last): loss.backward()``. A plain object (not a bound method of the trainer), so
+    the update paths hold no reference cycle through the trainer that would keep DDP, and with it
+    the process group, alive until a garbage collection."""
+
+    def __init__(self) -> None:
+        self.ddp: Any = None
+
+    def __call__(self, sync: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if (self.ddp is None or sync) else self.ddp.no_sync()
+
+
 SyncContext = Callable[[bool], contextlib.AbstractContextManager]
 
 

@@ -1,19 +1,20 @@
 """Data-parallel updates: two gloo ranks on half the batch each == one process on the whole batch."""
 
 import functools
-import os
-import socket
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from elign.engine.distributed import DistInfo, reduce_mean
 from elign.engine.rollout import Rollout
 from elign.engine.schedule import ConstantSchedule
 from elign.engine.strategies.fed_grpo import FedGRPOStrategy
 from elign.engine.trainer import Trainer
+from tests.elign.engine.ddp_harness import run_ranks
 from tests.elign.engine.toy import FusedCategoricalPolicy, TargetTokenReward, ToyPrompts
 
 B, T = 8, 6
@@ -50,15 +51,13 @@ def one_update(info: DistInfo, index: torch.Tensor, tmp: str, inner_epochs: int 
     return policy.module.logits.detach().clone()
 
 
-def _worker(rank: int, port: int, tmp: str, out: str, inner_epochs: int = 1) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    info = DistInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
-    params = one_update(info, torch.arange(rank * B // 2, (rank + 1) * B // 2), tmp, inner_epochs)
-    reduced = reduce_mean({"x": float(rank), f"only_{rank}": 1.0}, info)
-    if rank == 0:
-        torch.save({"params": params, "reduced": reduced}, out)
-    dist.destroy_process_group()
+def _update_on_half(info: DistInfo, tmp: str, inner_epochs: int) -> dict[str, Any]:
+    """One rank's part: the update on its half of the batch, then a metric reduction in which each
+    rank has a key the other lacks."""
+    half = torch.arange(info.rank * B // 2, (info.rank + 1) * B // 2)
+    params = one_update(info, half, tmp, inner_epochs)
+    reduced = reduce_mean({"x": float(info.rank), f"only_{info.rank}": 1.0}, info)
+    return {"params": params, "reduced": reduced}
 
 
 @pytest.mark.parametrize("inner_epochs", [1, 2, 0], ids=["one-step", "two-steps-recompute-pass", "fused-rollout"])
@@ -67,11 +66,61 @@ def test_two_ranks_match_one_process_and_metrics_reduce(tmp_path, inner_epochs):
     # which runs forwards through DDP with no backward after them.
     single = one_update(DistInfo(0, 1, 0, torch.device("cpu")), torch.arange(B), str(tmp_path / "single"),
                         inner_epochs)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "ddp.pt")
-    mp.spawn(_worker, args=(port, str(tmp_path / "ddp"), out, inner_epochs), nprocs=2, join=True)
-    result = torch.load(out, weights_only=True)
-    torch.testing.assert_close(result["params"], single, atol=1e-6, rtol=1e-5)
-    assert result["reduced"] == {"x": 0.5, "only_0": 0.5, "only_1": 0.5}
+    ranks = run_ranks(_update_on_half, tmp_path / "ranks", str(tmp_path / "ddp"), inner_epochs)
+    for result in ranks:  # both replicas take the same step
+        torch.testing.assert_close(result["params"], single, atol=1e-6, rtol=1e-5)
+        assert result["reduced"] == {"x": 0.5, "only_0": 0.5, "only_1": 0.5}
+
+
+def _wrap_in_ddp(info: DistInfo) -> None:
+    """What the trainer does once the group is up: DistributedDataParallel's first construction
+    imports torch.distributed.nn, whose default arguments would then hold the group."""
+    model = DistributedDataParallel(torch.nn.Linear(3, 2))
+    model(torch.ones(2, 3)).sum().backward()
+
+
+def test_ddp_leaves_no_group_threads_after_shutdown(tmp_path):
+    # The harness fails a rank whose gloo threads outlive shutdown.
+    run_ranks(_wrap_in_ddp, tmp_path / "ranks")
+
+
+_KEPT: list[Any] = []
+
+
+def _keep_group(info: DistInfo) -> None:
+    dist.all_reduce(torch.ones(1))
+    _KEPT.append(dist.group.WORLD)
+
+
+def test_harness_reports_a_group_that_outlives_shutdown(tmp_path):
+    with pytest.raises(mp.ProcessRaisedException, match="still running after shutdown"):
+        run_ranks(_keep_group, tmp_path / "ranks")
+
+
+def _supervised(info: DistInfo, tmp: str, batch_size: int) -> dict[str, Any]:
+    """Three supervised steps with gradient accumulation 2; each rank draws its own shard."""
+    from elign.engine.sampler import ShardedBatchOrder
+    from tests.elign.engine.test_supervised import DATA, make
+
+    trainer = make(f"{tmp}/{info.rank}", 3, batch_size=batch_size, grad_accum_steps=2, dist=info)
+    trainer.fit()
+    replica = ShardedBatchOrder(len(DATA), batch_size, seed=3)  # the batches this rank drew (same seed)
+    replica.shard(info.rank, info.world_size)
+    seen = torch.stack([replica.next_indices() for _ in range(6)])  # 3 steps x 2 accumulated batches
+    assert replica.state_dict() == trainer.prompts.state_dict(), "the trainer drew exactly these batches"
+    return {"params": trainer.policy.module.logits.detach().clone(), "seen": seen,
+            "state": torch.tensor(list(trainer.prompts.state_dict().values()))}
+
+
+def test_supervised_ranks_see_different_samples_and_match_one_process(tmp_path):
+    """Two ranks with batches of 4 (data sharded) take the steps of one process with batches of 8."""
+    single = _supervised(DistInfo(0, 1, 0, torch.device("cpu")), str(tmp_path / "single"), 8)
+    ranks = run_ranks(_supervised, tmp_path / "ranks", str(tmp_path / "ddp"), 4)
+    for rank in ranks:
+        torch.testing.assert_close(rank["params"], single["params"], atol=1e-6, rtol=1e-5)
+        assert torch.equal(rank["state"], single["state"]), "every rank resumes from the same data position"
+    first, second = ranks[0]["seen"], ranks[1]["seen"]
+    for a, b in zip(first.tolist(), second.tolist()):  # every batch drawn at the same step
+        assert not set(a) & set(b), "each rank sees different samples"
+    # together, the ranks' batches are the single process's batches
+    assert torch.equal(torch.cat([first, second], dim=1), single["seen"])

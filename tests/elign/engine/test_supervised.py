@@ -19,12 +19,12 @@ from tests.elign.engine.toy import CategoricalPolicy
 DATA = [torch.where(torch.rand(6, generator=torch.Generator().manual_seed(i)) < 0.8, 2, 1) for i in range(40)]
 
 
-def make(run_dir, iterations, resume=None, evaluator=None, batch_size=8, grad_accum_steps=1):
+def make(run_dir, iterations, resume=None, evaluator=None, batch_size=8, grad_accum_steps=1, dist=SINGLE):
     torch.manual_seed(0)
     policy = CategoricalPolicy(num_steps=6, vocab=4)
     data = MoleculeBatches(DATA, batch_size=batch_size, seed=3, collate=torch.stack)
     return Trainer(policy=policy, strategy=SupervisedStrategy(), reward=None, dataloader=data,
-                   run_dir=run_dir, dist=SINGLE, optimizer=functools.partial(torch.optim.AdamW, lr=0.2),
+                   run_dir=run_dir, dist=dist, optimizer=functools.partial(torch.optim.AdamW, lr=0.2),
                    lr_schedule=WarmupCosineSchedule(2, None, 0.1), max_iterations=iterations, micro_batch_size=8,
                    step_chunk_size=None, grad_accum_steps=grad_accum_steps, inner_epochs=1, max_grad_norm=1.0, save_interval=2,
                    best_metric="eval/p_target" if evaluator else None, best_mode="max", resume=resume, seed=0,
