@@ -1,21 +1,30 @@
-"""Base vs post-trained EDM on the same fixed-seed samples: does FED-GRPO move the physics?
+"""Base vs post-trained EDM over several training and sampling seeds: does FED-GRPO move the physics?
 
-    python bench/evidence.py --train                      # post-train (experiment=edm/elign_evidence), then compare
-    python bench/evidence.py --post outputs/evidence      # a run's best checkpoint (else latest)
-    python bench/evidence.py --post outputs/evidence/checkpoint_latest.pth   # a given checkpoint
-    python bench/evidence.py --post RUN --num 512 --seed 1 -- <extra run.py overrides for --train>
+    python bench/evidence.py --train                                  # 3 training seeds x 2 sampling seeds (the defaults)
+    python bench/evidence.py --train --train-seeds 4 5 6 --sample-seeds 2 3 -- trainer.max_iterations=120
+    python bench/evidence.py --post outputs/evidence/seed1 --post outputs/evidence/seed2   # runs trained elsewhere
+    python bench/evidence.py --post RUN --train-seeds 0 --sample-seeds 0 --num 512          # one pair
 
-Both models draw the same node counts and the same initial noise (one seed), so the comparison is
-paired. Every molecule is scored as sampled (never repaired): stability and RDKit validity /
-uniqueness with the project's bond inference, and GFN2-xTB force RMS and formation energy per atom.
-Writes ``evidence.json``, ``evidence.md`` (the README table) and ``force_rms.png`` to --out-dir and
-prints the table with the issue's targets (force RMS -20 %, stability >= -2 points, V x U >= -5 points).
+--train post-trains one run per training seed (``experiment=edm/elign_evidence seed=<t>`` into
+``<runs-dir>/seed<t>``, resumed if it was interrupted, skipped if it finished). Each post-trained model
+(its ``checkpoint_best.pth``, chosen on the recipe's held-out sample, else ``checkpoint_latest.pth``)
+and the base are sampled with every sampling seed, ``--num`` molecules each. A pair (training seed,
+sampling seed) compares the post-trained model and the base on the same seed: same node counts, same
+initial noise. Every molecule is scored as sampled (never repaired): stability, RDKit validity /
+uniqueness with the project's bond inference, fragments, GFN2-xTB force RMS and formation energy.
+
+Printed and written to --out-dir: the per-pair changes, the values table, the targets on every
+training seed and on the aggregate (PASS needs all of them), ``evidence.json``, ``evidence.md``,
+``force_rms.png`` (per-molecule force RMS, base vs each seed) and ``curves.png`` (the runs' held-out
+evaluations from iteration 0). Evaluations are cached in ``<out-dir>/evals/``, so an interrupted
+bench picks up where it stopped. Exit code 1 when a target fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -29,36 +38,48 @@ sys.path.insert(0, str(ROOT))
 
 from elign.edm.cli import XTB_REFS, build_policy, make_force_field  # noqa: E402
 from elign.edm.evaluate import sample_molecules, score_samples, summarize_scores  # noqa: E402
+from elign.edm.evidence import Pair, paired_changes, pairs_table, values_table, verdict, verdict_table  # noqa: E402
 
 BASE = "package:elign/edm/weights/edm_base.pth"
-ROWS = [("molecule_stability", "molecule stability", 100.0, "%"), ("atom_stability", "atom stability", 100.0, "%"),
-        ("validity", "RDKit validity", 100.0, "%"), ("uniqueness", "uniqueness", 100.0, "%"),
-        ("validity_x_uniqueness", "validity x uniqueness", 100.0, "%"),
-        ("connected", "one fragment (validity is of the largest)", 100.0, "%"),
-        ("fragments_per_molecule", "fragments per molecule", 1.0, ""),
-        ("force_rms_ev_per_angstrom", "xTB force RMS, mean (eV/Å)", 1.0, ""),
-        ("force_rms_median_ev_per_angstrom", "xTB force RMS, median (eV/Å)", 1.0, ""),
-        ("force_rms_stable_ev_per_angstrom", "xTB force RMS, stable molecules (eV/Å)", 1.0, ""),
-        ("energy_per_atom_ev", "xTB formation energy per atom (eV)", 1.0, ""),
-        ("ff_failed_frac", "xTB failures", 100.0, "%")]
+CURVES = (("eval/force_rms_median_ev_per_angstrom", "force RMS, median (eV/Å)"),
+          ("eval/force_rms_ev_per_angstrom", "force RMS, mean (eV/Å)"),
+          ("eval/molecule_stability", "molecule stability"), ("eval/atom_stability", "atom stability"),
+          ("eval/connected", "one-fragment share"), ("eval/validity_x_uniqueness", "validity x uniqueness"))
 
 
 def parse() -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=BASE, help="base checkpoint (default: the shipped base model)")
-    p.add_argument("--post", help="post-trained checkpoint or run directory")
-    p.add_argument("--train", action="store_true", help="run the post-training recipe first")
+    p.add_argument("--post", action="append", default=[],
+                   help="post-trained checkpoint or run directory, one per training seed (repeat the flag)")
+    p.add_argument("--train", action="store_true", help="post-train one run per --train-seeds first")
+    p.add_argument("--train-seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds (labels with --post)")
+    p.add_argument("--sample-seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds (each model, each seed)")
     p.add_argument("--experiment", default="edm/elign_evidence", help="recipe for --train")
-    p.add_argument("--run-dir", default="outputs/evidence", help="run directory for --train")
+    p.add_argument("--runs-dir", default="outputs/evidence", help="--train writes <runs-dir>/seed<t>")
     p.add_argument("--model-config", default=str(ROOT / "conf/model/edm/base.yaml"), help="architecture YAML")
-    p.add_argument("--num", type=int, default=256, help="molecules per model")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same for both models)")
+    p.add_argument("--num", type=int, default=256, help="molecules per model and sampling seed")
     p.add_argument("--num-steps", type=int, default=None, help="T (default: the model config's)")
     p.add_argument("--batch-size", type=int, default=64, help="molecules sampled at once")
     p.add_argument("--workers", type=int, default=2, help="xTB worker processes")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--out-dir", default="outputs/evidence", help="where the table, JSON and plot go")
-    return p.parse_known_args()
+    p.add_argument("--out-dir", default="outputs/evidence", help="where the tables, JSON, plots and cached evaluations go")
+    a, overrides = p.parse_known_args()
+    if not a.train and len(a.post) != len(a.train_seeds):
+        p.error(f"give --train, or one --post per training seed ({len(a.train_seeds)} seeds: {a.train_seeds})")
+    if len(set(a.train_seeds)) != len(a.train_seeds) or len(set(a.sample_seeds)) != len(a.sample_seeds):
+        p.error("--train-seeds and --sample-seeds must not repeat a seed")
+    return a, [o for o in overrides if o != "--"]
+
+
+def train(a: argparse.Namespace, seed: int, overrides: list[str]) -> str:
+    """Post-train one seed (resumes an interrupted run; a finished one resumes at its end and stops)."""
+    run_dir = Path(a.runs_dir) / f"seed{seed}"
+    cmd = [sys.executable, str(ROOT / "run.py"), f"experiment={a.experiment}", f"seed={seed}",
+           f"hydra.run.dir={run_dir}", "trainer.resume=auto", *overrides]
+    print("training:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return str(run_dir)
 
 
 def post_checkpoint(path: str) -> str:
@@ -70,92 +91,143 @@ def post_checkpoint(path: str) -> str:
     return str(best if best.is_file() else p / "checkpoint_latest.pth")
 
 
-def evaluate_model(label: str, a: argparse.Namespace, checkpoint: str, ff: Any) -> tuple[dict, dict, int]:
-    """Metrics, per-molecule scores and T of one checkpoint's fixed-seed sample."""
+def evaluate(a: argparse.Namespace, label: str, checkpoint: str, seed: int, ff: Any) -> dict[str, Any]:
+    """Metrics and per-molecule scores of one checkpoint's sample; cached under <out-dir>/evals/."""
+    ckpt = Path(checkpoint)
+    stamp = [ckpt.stat().st_size, ckpt.stat().st_mtime_ns] if ckpt.is_file() else None  # package: paths never change
+    meta = {"checkpoint": checkpoint, "stamp": stamp, "seed": seed, "num": a.num, "num_steps": a.num_steps,
+            "model_config": a.model_config}
+    cache = Path(a.out_dir) / "evals" / f"{label}_sample{seed}.pt"
+    if cache.is_file():
+        held = torch.load(cache, weights_only=True)
+        if held["meta"] == meta:
+            print(f"{label}, sampling seed {seed}: cached ({cache})", flush=True)
+            return held
     policy, _ = build_policy(None, a.model_config, checkpoint, a.num_steps)
     t0 = time.perf_counter()
-    samples = sample_molecules(policy, a.num, a.batch_size, a.seed)
+    samples = sample_molecules(policy, a.num, a.batch_size, seed)
     t1 = time.perf_counter()
     scores = score_samples(samples, ff, XTB_REFS)
-    metrics = summarize_scores(scores)
-    print(f"{label}: sampled {a.num} in {t1 - t0:.0f} s, scored in {time.perf_counter() - t1:.0f} s", flush=True)
-    torch.save(samples, Path(a.out_dir) / f"samples_{label}.pt")
-    return metrics, scores, policy.num_steps
+    result = {"meta": meta, "num_steps": policy.num_steps, "metrics": summarize_scores(scores),
+              "force_rms": scores["force_rms"][scores["ff_ok"]], "samples": samples}
+    print(f"{label}, sampling seed {seed}: sampled {a.num} in {t1 - t0:.0f} s, scored in "
+          f"{time.perf_counter() - t1:.0f} s", flush=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    torch.save(result, tmp)
+    tmp.replace(cache)  # atomic: a killed bench never leaves a half-written cache entry
+    return result
 
 
-def table(base: dict, post: dict, meta: dict) -> tuple[str, dict[str, bool]]:
-    lines = [f"| metric ({meta['num']} samples, seed {meta['seed']}, T = {meta['num_steps']}) | base | post-trained | change |",
-             "|---|---:|---:|---:|"]
-    for key, name, scale, unit in ROWS:
-        if key not in base or key not in post:
-            continue
-        b, p = base[key] * scale, post[key] * scale
-        change = f"{p - b:+.1f} pts" if unit == "%" else f"{100 * (p - b) / abs(b):+.1f} %"
-        fmt = ".1f" if unit == "%" else ".3f"
-        lines.append(f"| {name} | {b:{fmt}}{unit} | {p:{fmt}}{unit} | {change} |")
-    checks = {
-        "force RMS drops by >= 20 %": post["force_rms_ev_per_angstrom"] <= 0.8 * base["force_rms_ev_per_angstrom"],
-        "molecule stability falls by <= 2 points": post["molecule_stability"] >= base["molecule_stability"] - 0.02,
-        "validity x uniqueness falls by <= 5 points": post["validity_x_uniqueness"] >= base["validity_x_uniqueness"] - 0.05,
-    }
-    return "\n".join(lines), checks
+def nan_to_null(obj: Any) -> Any:
+    """NaN (a metric that could not be computed) as JSON null: the file stays standard JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: nan_to_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_null(v) for v in obj]
+    return obj
 
 
-def plot(base: dict, post: dict, out: Path) -> None:
-    """Per-molecule force RMS of both models on a log axis (a few exploded samples reach 100s of eV/Å)."""
+def plot_force_rms(base: list[dict], posts: dict[int, list[dict]], out: Path) -> None:
+    """Per-molecule force RMS (log axis), base vs each training seed, pooled over the sampling seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    values = [s["force_rms"][s["ff_ok"]].numpy() for s in (base, post)]
-    pooled = np.concatenate(values)
-    if pooled.size == 0:
-        raise ValueError("no molecule was evaluated by the force field: nothing to plot")
-    bins = np.geomspace(max(float(pooled.min()), 1e-2), max(float(pooled.max()), 1e-1), 40)
-    for v, label in zip(values, ("base", "post-trained")):
-        ax.hist(v, bins=bins, alpha=0.55, label=f"{label} (mean {v.mean():.2f}, median {np.median(v):.2f})")
-    ax.set_xscale("log")
-    ax.set_xlabel("xTB force RMS per molecule (eV/Å, log scale)")
-    ax.set_ylabel("molecules")
-    ax.legend()
+    pooled_base = torch.cat([r["force_rms"] for r in base]).numpy()
+    seeds = list(posts)
+    fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 3.4), squeeze=False, sharey=True)
+    for ax, seed in zip(axes[0], seeds):
+        post = torch.cat([r["force_rms"] for r in posts[seed]]).numpy()
+        both = np.concatenate([pooled_base, post])
+        if both.size == 0:
+            raise ValueError("no molecule was evaluated by the force field: nothing to plot")
+        bins = np.geomspace(max(float(both.min()), 1e-2), max(float(both.max()), 1e-1), 40)
+        for v, name in ((pooled_base, "base"), (post, f"seed {seed}")):
+            ax.hist(v, bins=bins, alpha=0.55, label=f"{name}: mean {v.mean():.2f}, median {np.median(v):.2f}")
+        ax.set_xscale("log")
+        ax.set_xlabel("xTB force RMS per molecule (eV/Å)")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("molecules")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
-def main() -> None:
+def plot_curves(run_dirs: dict[int, str], out: Path) -> bool:
+    """Held-out ``eval/*`` of each run against iterations trained (0 = the base); False if none logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from elign.engine.metrics import parse_metrics
+
+    runs = {s: parse_metrics(Path(d) / "metrics.jsonl") for s, d in run_dirs.items()
+            if Path(d).is_dir() and (Path(d) / "metrics.jsonl").is_file()}
+    if not any(key in r for rows in runs.values() for r in rows for key, _ in CURVES):
+        return False
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    for ax, (key, title) in zip(axes.flat, CURVES):
+        for seed, rows in runs.items():
+            pts = [(r["iteration"] + 1, r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=f"seed {seed}")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("iterations trained", fontsize=8)
+        ax.tick_params(labelsize=7)
+    labelled = [ax for ax in axes.flat if ax.get_legend_handles_labels()[0]]
+    if labelled:
+        labelled[0].legend(fontsize=7)  # one legend: the seeds are the same in every panel
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main() -> int:
     a, overrides = parse()
     torch.set_num_threads(a.threads)
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if a.train:
-        cmd = [sys.executable, str(ROOT / "run.py"), f"experiment={a.experiment}", f"hydra.run.dir={a.run_dir}",
-               *[o for o in overrides if o != "--"]]
-        print("training:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
-        a.post = a.run_dir
-    if a.post is None:
-        raise SystemExit("give --post CHECKPOINT_OR_RUN_DIR, or --train")
-    post_ckpt = post_checkpoint(a.post)
+    posts = {s: train(a, s, overrides) for s in a.train_seeds} if a.train else dict(zip(a.train_seeds, a.post))
     ff = make_force_field("xtb", a.workers)
     try:
-        base_m, base_s, num_steps = evaluate_model("base", a, a.base, ff)
-        post_m, post_s, _ = evaluate_model("post", a, post_ckpt, ff)
+        base = {s: evaluate(a, "base", a.base, s, ff) for s in a.sample_seeds}
+        post = {(t, s): evaluate(a, f"seed{t}", post_checkpoint(p), s, ff) for t, p in posts.items() for s in a.sample_seeds}
     finally:
         ff.close()
-    meta = {"num": a.num, "seed": a.seed, "num_steps": num_steps, "base": a.base, "post": post_ckpt}
-    text, checks = table(base_m, post_m, meta)
-    report = text + "\n\n" + "\n".join(f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items())
+    pairs = [Pair(t, s, paired_changes(base[s]["metrics"], r["metrics"])) for (t, s), r in post.items()]
+    checks = verdict(pairs)
+    passed = all(all(c.values()) for c in checks.values())
+    num_steps = next(iter(base.values()))["num_steps"]
+    header = (f"{len(a.train_seeds)} training seeds {a.train_seeds} x {len(a.sample_seeds)} sampling seeds "
+              f"{a.sample_seeds}, {a.num} molecules per model and sampling seed, T = {num_steps}")
+    report = "\n\n".join([
+        header, "Changes per pair (post-trained vs base, same sampling seed):", pairs_table(pairs),
+        "Values (base: median over sampling seeds; post-trained: median over pairs):",
+        values_table(list(r["metrics"] for r in base.values()), list(r["metrics"] for r in post.values()), pairs),
+        "Targets on every training seed (median over its sampling seeds) and on the aggregate (median over pairs):",
+        verdict_table(pairs), f"**{'PASS' if passed else 'FAIL'}**"])
     (out_dir / "evidence.md").write_text(report + "\n")
-    (out_dir / "evidence.json").write_text(json.dumps({"meta": meta, "base": base_m, "post": post_m,
-                                                      "checks": checks}, indent=2) + "\n")
-    plot(base_s, post_s, out_dir / "force_rms.png")
+    (out_dir / "evidence.json").write_text(json.dumps(nan_to_null({
+        "meta": {"train_seeds": a.train_seeds, "sample_seeds": a.sample_seeds, "num": a.num, "num_steps": num_steps,
+                 "base": a.base, "post": {str(t): post_checkpoint(p) for t, p in posts.items()},
+                 "experiment": a.experiment if a.train else None, "overrides": overrides},
+        "base": {str(s): r["metrics"] for s, r in base.items()},
+        "post": {f"{t},{s}": r["metrics"] for (t, s), r in post.items()},
+        "pairs": [{"train_seed": p.train_seed, "sample_seed": p.sample_seed, "changes": p.changes} for p in pairs],
+        "checks": checks, "passed": passed}), indent=2, allow_nan=False) + "\n")
+    plot_force_rms(list(base.values()), {t: [post[t, s] for s in a.sample_seeds] for t in posts}, out_dir / "force_rms.png")
+    curves = plot_curves({t: p for t, p in posts.items()}, out_dir / "curves.png")
     print(report)
-    print(f"wrote {out_dir / 'evidence.md'}, evidence.json and force_rms.png")
+    print(f"wrote {out_dir / 'evidence.md'}, evidence.json, force_rms.png" + (", curves.png" if curves else ""))
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -128,8 +128,9 @@ def test_every_experiment_runs_end_to_end(tmp_path, experiment):
                 *tiny(experiment)], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in rows] == [0]
     saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    evaluates_start = saved.get("evaluator") is not None and saved.trainer.eval_interval and saved.trainer.eval_at_start
+    assert [r["iteration"] for r in rows] == ([-1, 0] if evaluates_start else [0])
     assert saved.name == compose_with(f"experiment={experiment}").name  # the recipe, not the default job
     last = rows[-1]
     if saved.strategy._target_.endswith("FedGRPOStrategy"):

@@ -70,6 +70,7 @@ class Trainer:
         progress: bool,
         ema_decay: float = 0.0,
         eval_interval: int = 0,
+        eval_at_start: bool = True,
         old_logp: str = "recompute",
         fused_rollout: bool | str = False,
         failure_penalty: float = -1.0,
@@ -100,6 +101,9 @@ class Trainer:
             progress: show progress on rank 0 (a tqdm bar on a terminal, a line every ~5 % in a log).
             ema_decay: exponential moving average of the trainable weights (0 = off).
             eval_interval: run ``evaluator`` every this many iterations and at the end (0 = never).
+            eval_at_start: with ``eval_interval``, also evaluate the starting weights before the first
+                update of a fresh run, logged as iteration -1, so every ``eval/*`` curve starts at
+                the model that was post-trained.
             old_logp: PPO's behaviour log-probs, "rollout" (recorded while sampling) or "recompute"
                 (the training forward's before the update; see ``ReplayedUpdate``).
             fused_rollout: take per-sample log-prob gradients while sampling so the update needs no
@@ -133,6 +137,9 @@ class Trainer:
         self.group_size = int(dataloader.group_size)
         self.supervised = getattr(strategy, "kind", "rl") == "supervised"
         self.evaluator, self.eval_interval = evaluator, int(eval_interval)
+        if not isinstance(eval_at_start, bool):
+            raise ConfigError("eval_at_start", eval_at_start, "true or false")
+        self.eval_at_start = eval_at_start
         self.rewards = RewardBook(failure_penalty)
         if self.supervised and dist.enabled:
             if not hasattr(dataloader, "shard"):
@@ -180,6 +187,8 @@ class Trainer:
         if self.dist.is_main:
             self.logger.start(str(self.run_dir), self.run_config, getattr(self.logger, "run_id", None))
         self.display.start(total=self.max_iterations, initial=start)
+        if start == 0 and self.eval_at_start and self.evaluator is not None and self.eval_interval:
+            self._log_initial_evaluation()
         metrics: dict[str, float] = {}
         for iteration in range(start, self.max_iterations):
             seed_iteration(self.seed, iteration, self.dist.rank)
@@ -235,6 +244,17 @@ class Trainer:
             if f"train/{key}" in metrics:
                 metrics[f"train/{key.removeprefix('num_')}_per_s"] = metrics.pop(f"train/{key}") / seconds
         return metrics
+
+    def _log_initial_evaluation(self) -> None:
+        """The starting weights' evaluation as iteration -1 (no checkpoint: nothing was trained)."""
+        timer = PhaseTimer()
+        with timer.phase("eval"):
+            metrics = self._evaluate()
+        metrics = reduce_mean({**metrics, **timer.metrics()}, self.dist)
+        metrics.update({"iteration": -1, "optimizer_step": 0})
+        self.writer.write(metrics)
+        if self.dist.is_main:
+            self.logger.log(metrics, step=0)
 
     def _evaluate(self) -> dict[str, float]:
         """The evaluator on the EMA weights if any (what one would ship), else the raw weights."""

@@ -39,15 +39,34 @@ def test_supervised_loss_falls_with_ema_and_eval(tmp_path):
     trainer = make(tmp_path, 12, evaluator=p_target)
     trainer.fit()
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["train/loss"] < 0.6 * rows[0]["train/loss"]
+    train = [r for r in rows if "train/loss" in r]
+    assert [r["iteration"] for r in train] == list(range(12))
+    assert train[-1]["train/loss"] < 0.6 * train[0]["train/loss"]
     evals = [r for r in rows if "eval/p_target" in r]
-    assert [r["iteration"] for r in evals] == [2, 5, 8, 11]
-    assert evals[-1]["eval/p_target"] > evals[0]["eval/p_target"]
+    assert [r["iteration"] for r in evals] == [-1, 2, 5, 8, 11]  # -1: the starting weights, before any update
+    assert evals[-1]["eval/p_target"] > evals[1]["eval/p_target"] > evals[0]["eval/p_target"]
     # the evaluation saw the EMA weights, which lag behind the raw ones
     raw = p_target(trainer.policy)["p_target"]
     assert evals[-1]["eval/p_target"] < raw
     state = load_checkpoint(tmp_path / "checkpoint_best.pth")
-    assert "ema" in state and state["best_value"] == max(r["eval/p_target"] for r in evals)
+    assert "ema" in state and state["best_value"] == max(r["eval/p_target"] for r in evals[1:])
+
+
+def test_initial_evaluation_is_logged_once_and_not_repeated_on_resume(tmp_path):
+    torch.manual_seed(0)
+    start = p_target(CategoricalPolicy(num_steps=6, vocab=4))["p_target"]  # make() builds this policy
+    make(tmp_path, 2, evaluator=p_target).fit()  # a run stopped after 2 of 6 iterations (checkpoint at 2)
+    resumed = make(tmp_path, 6, resume="auto", evaluator=p_target)
+    resumed.fit()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [-1, 0, 1, 2, 3, 4, 5]
+    assert rows[0]["optimizer_step"] == 0 and set(k for k in rows[0] if k.startswith("train/")) == set()
+    assert rows[0]["eval/p_target"] == start
+    off = make(tmp_path / "off", 3, evaluator=p_target)
+    off.eval_at_start = False
+    off.fit()
+    rows = [json.loads(x) for x in (tmp_path / "off/metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
 
 
 def test_supervised_resume_is_bitwise_including_data_position(tmp_path):
