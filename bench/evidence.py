@@ -23,6 +23,7 @@ bench picks up where it stopped. Exit code 1 when a target fails.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import subprocess
@@ -38,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from elign.edm.cli import XTB_REFS, build_policy, make_force_field  # noqa: E402
 from elign.edm.evaluate import sample_molecules, score_samples, summarize_scores  # noqa: E402
+from elign.forcefield.base import MAX_FORCE_EV_PER_ANGSTROM, MIN_DISTANCE_ANGSTROM  # noqa: E402
 from elign.edm.evidence import Pair, paired_changes, pairs_table, values_table, verdict, verdict_table  # noqa: E402
 
 BASE = "package:elign/edm/weights/edm_base.pth"
@@ -63,7 +65,13 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--batch-size", type=int, default=64, help="molecules sampled at once")
     p.add_argument("--workers", type=int, default=2, help="xTB worker processes")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--out-dir", default="outputs/evidence", help="where the tables, JSON, plots and cached evaluations go")
+    p.add_argument("--min-distance", type=float, default=MIN_DISTANCE_ANGSTROM,
+                   help="atoms closer than this (Å) make a molecule an xTB failure (0 = off, as before the limits existed)")
+    p.add_argument("--max-force", type=float, default=MAX_FORCE_EV_PER_ANGSTROM,
+                   help="an atomic force above this (eV/Å) makes a molecule an xTB failure (0 = no limit)")
+    p.add_argument("--out-dir", default="outputs/evidence", help="where the tables, JSON and plots go")
+    p.add_argument("--cache-dir", default=None,
+                   help="cached evaluations (default <out-dir>/evals; share one across benches to sample the base once)")
     a, overrides = p.parse_known_args()
     if not a.train and len(a.post) != len(a.train_seeds):
         p.error(f"give --train, or one --post per training seed ({len(a.train_seeds)} seeds: {a.train_seeds})")
@@ -92,12 +100,14 @@ def post_checkpoint(path: str) -> str:
 
 
 def evaluate(a: argparse.Namespace, label: str, checkpoint: str, seed: int, ff: Any) -> dict[str, Any]:
-    """Metrics and per-molecule scores of one checkpoint's sample; cached under <out-dir>/evals/."""
+    """Metrics and per-molecule scores of one checkpoint's sample, cached per (checkpoint path, seed);
+    a cache entry whose checkpoint file or settings changed is recomputed."""
     ckpt = Path(checkpoint)
     stamp = [ckpt.stat().st_size, ckpt.stat().st_mtime_ns] if ckpt.is_file() else None  # package: paths never change
     meta = {"checkpoint": checkpoint, "stamp": stamp, "seed": seed, "num": a.num, "num_steps": a.num_steps,
-            "model_config": a.model_config}
-    cache = Path(a.out_dir) / "evals" / f"{label}_sample{seed}.pt"
+            "model_config": a.model_config, "limits": [a.min_distance, a.max_force]}
+    key = hashlib.sha1(str(ckpt.resolve() if ckpt.is_file() else checkpoint).encode()).hexdigest()[:8]
+    cache = Path(a.cache_dir or Path(a.out_dir) / "evals") / f"{label}_sample{seed}_{key}.pt"
     if cache.is_file():
         held = torch.load(cache, weights_only=True)
         if held["meta"] == meta:
@@ -195,7 +205,7 @@ def main() -> int:
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     posts = {s: train(a, s, overrides) for s in a.train_seeds} if a.train else dict(zip(a.train_seeds, a.post))
-    ff = make_force_field("xtb", a.workers)
+    ff = make_force_field("xtb", a.workers, a.min_distance, a.max_force or None)
     try:
         base = {s: evaluate(a, "base", a.base, s, ff) for s in a.sample_seeds}
         post = {(t, s): evaluate(a, f"seed{t}", post_checkpoint(p), s, ff) for t, p in posts.items() for s in a.sample_seeds}

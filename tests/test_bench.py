@@ -39,7 +39,7 @@ def test_evidence_bench_pairs_every_training_seed_with_every_sampling_seed(tmp_p
     assert (tmp_path / "ev/force_rms.png").stat().st_size > 1000
     assert len(list((tmp_path / "ev/evals").glob("*.pt"))) == 6  # base and two models, two seeds each
     # Same seed, same sample: both models saw the same node counts.
-    held = {p.name: torch.load(p, weights_only=True) for p in (tmp_path / "ev/evals").glob("*_sample1.pt")}
+    held = {p.name: torch.load(p, weights_only=True) for p in (tmp_path / "ev/evals").glob("*_sample1_*.pt")}
     masks = [h["samples"]["node_mask"].sum(1) for h in held.values()]
     assert all(torch.equal(masks[0], m) for m in masks[1:])
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
