@@ -198,12 +198,7 @@ class Trainer:
             if self.evaluator is not None and self.eval_interval and ((iteration + 1) % self.eval_interval == 0 or last):
                 with timer.phase("eval"):
                     metrics.update(self._evaluate())
-            metrics.update(timer.metrics())
-            metrics = reduce_mean(metrics, self.dist)
-            metrics.update({"iteration": iteration, "optimizer_step": self.optimizer_steps})
-            self.writer.write(metrics)
-            if self.dist.is_main:
-                self.logger.log(metrics, step=iteration)
+            metrics = self._record({**metrics, **timer.metrics()}, iteration)
             self.checkpoints.save(self._state(iteration + 1), iteration + 1, metrics, last)
             self.display.update(iteration, metrics)
         self.display.close()
@@ -250,11 +245,16 @@ class Trainer:
         timer = PhaseTimer()
         with timer.phase("eval"):
             metrics = self._evaluate()
-        metrics = reduce_mean({**metrics, **timer.metrics()}, self.dist)
-        metrics.update({"iteration": -1, "optimizer_step": 0})
+        self._record({**metrics, **timer.metrics()}, -1)
+
+    def _record(self, metrics: dict[str, float], iteration: int) -> dict[str, float]:
+        """Average over ranks, then one metrics.jsonl line and one logger step (rank 0 writes)."""
+        metrics = reduce_mean(metrics, self.dist)
+        metrics.update({"iteration": iteration, "optimizer_step": self.optimizer_steps})
         self.writer.write(metrics)
         if self.dist.is_main:
-            self.logger.log(metrics, step=0)
+            self.logger.log(metrics, step=max(iteration, 0))  # loggers' steps start at 0
+        return metrics
 
     def _evaluate(self) -> dict[str, float]:
         """The evaluator on the EMA weights if any (what one would ship), else the raw weights."""
