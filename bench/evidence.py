@@ -51,7 +51,7 @@ CURVES = (("eval/force_rms_median_ev_per_angstrom", "force RMS, median (eV/Å)")
 
 def parse() -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default=BASE, help="base checkpoint (default: the shipped base model)")
+    p.add_argument("--base", default=BASE, help="base checkpoint; --train starts from it (default: the shipped base model)")
     p.add_argument("--post", action="append", default=[],
                    help="post-trained checkpoint or run directory, one per training seed (repeat the flag)")
     p.add_argument("--train", action="store_true", help="post-train one run per --train-seeds first")
@@ -83,8 +83,9 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
 def train(a: argparse.Namespace, seed: int, overrides: list[str]) -> str:
     """Post-train one seed (resumes an interrupted run; a finished one resumes at its end and stops)."""
     run_dir = Path(a.runs_dir) / f"seed{seed}"
+    # The run starts from --base, so the comparison is always against the weights it was trained from.
     cmd = [sys.executable, str(ROOT / "run.py"), f"experiment={a.experiment}", f"seed={seed}",
-           f"hydra.run.dir={run_dir}", "trainer.resume=auto", *overrides]
+           f"hydra.run.dir={run_dir}", "trainer.resume=auto", f"model.checkpoint={a.base}", *overrides]
     print("training:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return str(run_dir)

@@ -92,3 +92,22 @@ def test_fed_grpo_bench_prints_phases_and_says_where_the_gradients_are_taken():
         assert abs(total - sum(parts)) < 0.02
     assert "the rollout takes the per-sample gradients" in fused and "sampling throughput" not in fused
     assert "sampling throughput" in replay and "per-sample" not in replay
+
+
+def test_evidence_bench_trains_from_its_base_and_overrides_come_last(tmp_path, monkeypatch):
+    """--train starts each run from --base (the comparison is against the weights it was trained from);
+    an override after `--` still wins, because Hydra takes the last value of a key."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evidence_bench", ROOT / "bench/evidence.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setattr(sys, "argv", ["evidence.py", "--train", "--train-seeds", "5", "--base", "/w/base.pth",
+                                      "--runs-dir", str(tmp_path), "--", "strategy.kl_coef=0.04"])
+    a, overrides = bench.parse()
+    assert bench.train(a, 5, overrides) == str(tmp_path / "seed5")
+    (cmd,) = calls
+    assert cmd[2:] == ["experiment=edm/elign_evidence", "seed=5", f"hydra.run.dir={tmp_path / 'seed5'}",
+                       "trainer.resume=auto", "model.checkpoint=/w/base.pth", "strategy.kl_coef=0.04"]
