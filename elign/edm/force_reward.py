@@ -26,10 +26,12 @@ from torch import Tensor
 from elign.chem.stability import check_stability_batch, count_fragments
 from elign.edm.reward_terms import (
     FORCE_AGGREGATIONS,
+    FORCE_SCALES,
     aggregate_forces,
     check_atom_refs,
     formation_energy,
     hard_valence_penalty,
+    scale_force,
     soft_valence,
     transform_energy,
 )
@@ -67,6 +69,7 @@ class ForceFieldReward:
         energy_only_if_stable: bool,
         fragment_weight: float = 0.0,
         shaping: PotentialShaping | None = None,
+        force_scale: str = "linear",
     ) -> None:
         """
         Args:
@@ -89,9 +92,14 @@ class ForceFieldReward:
                 lowers its forces, so without it a force reward can be gamed by fragmentation (seen
                 in a 30-iteration xTB run: 1.7 -> 2.6 pieces per molecule).
             shaping: score the predicted clean molecules along the trajectory; None = terminal only.
+            force_scale: "linear" (``-m``, the paper's) or "log" (``-ln m``, see ``scale_force``); the
+                logged force metrics stay in eV/Å.
         """
         if force_aggregation not in FORCE_AGGREGATIONS:
             raise ConfigError("force_aggregation", force_aggregation, FORCE_AGGREGATIONS)
+        if force_scale not in FORCE_SCALES:
+            raise ConfigError("force_scale", force_scale, FORCE_SCALES)
+        self.force_scale = force_scale
         positive = {"low": 0.0, "low_open": True}
         self.force_clip = check_range("force_clip_ev_per_angstrom", force_clip_ev_per_angstrom, **positive,
                                       allow_none=True, none_means="off")
@@ -152,7 +160,7 @@ class ForceFieldReward:
 
         gate_f = stable if self.force_only_if_stable else torch.ones_like(stable)
         gate_e = stable if self.energy_only_if_stable else torch.ones_like(stable)
-        channels = {"force": (-phys["force"].cpu() * gate_f + chem_terms).float()}
+        channels = {"force": (-scale_force(phys["force"].cpu(), self.force_scale) * gate_f + chem_terms).float()}
         if self.use_energy:
             channels["energy"] = (-phys["energy"].cpu() * gate_e).float()
 
@@ -202,7 +210,7 @@ class ForceFieldReward:
             if "energy" in pot:
                 pot["energy"][bi, tj] = -phys["energy"].cpu() * gate_energy[bi]
             if "force" in pot:
-                pot["force"][bi, tj] = -phys["force"].cpu()
+                pot["force"][bi, tj] = -scale_force(phys["force"].cpu(), self.force_scale)
             for reason, count in phys["result"].reason_counts().items():
                 failures[f"shaping_{reason}"] = failures.get(f"shaping_{reason}", 0) + count
         out.potentials = {c: v.float().to(rollout.logp_old.device) for c, v in pot.items()}

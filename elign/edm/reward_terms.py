@@ -18,6 +18,8 @@ from elign.chem.stability import valence_gaps
 from elign.engine.errors import check_finite, check_int
 
 FORCE_AGGREGATIONS = ("rms", "max")
+FORCE_SCALES = ("linear", "log")
+FORCE_LOG_FLOOR_EV_PER_ANGSTROM = 0.01  # log scale: forces below this count as this (a relaxed molecule is ~0.05)
 
 
 def check_atom_refs(atom_refs_ev: Mapping[int, float] | None, key: str = "atom_refs_ev") -> dict[int, float] | None:
@@ -50,6 +52,27 @@ def aggregate_forces(forces: Tensor, mask: Tensor, mode: str, clip_ev_per_angstr
     if mode == "max":
         return norms.max(dim=1).values
     raise ValueError(f"force aggregation must be one of {FORCE_AGGREGATIONS}, got {mode!r}")
+
+
+def scale_force(force: Tensor, scale: str) -> Tensor:
+    """The force metric on the scale the reward uses: ``m`` (linear) or ``ln(max(m, floor) / 1 eV/Å)`` (log).
+
+    Why log: a group's advantages are normalised by its standard deviation, and one exploded sample
+    (30-500 eV/Å) among ordinary ones (~3 eV/Å) sets that deviation, so the ordinary molecules'
+    advantages are nearly equal. On the log scale 3 -> 2.7 eV/Å moves the reward as much as
+    30 -> 27, so the ranking of ordinary molecules still counts.
+
+    Args:
+        force: ``[B]`` eV/Å, NaN for failed molecules (stays NaN).
+        scale: "linear" or "log".
+    Returns:
+        ``[B]``, same dtype.
+    """
+    if scale == "linear":
+        return force
+    if scale == "log":
+        return torch.log(force.clamp(min=FORCE_LOG_FLOOR_EV_PER_ANGSTROM))  # clamp keeps NaN
+    raise ValueError(f"force scale must be one of {FORCE_SCALES}, got {scale!r}")
 
 
 def formation_energy(energy: Tensor, atomic_numbers: Tensor, mask: Tensor, atom_refs: dict[int, float] | None) -> Tensor:

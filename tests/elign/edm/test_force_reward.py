@@ -12,6 +12,7 @@ from elign.edm.filter import ChemistryFilter
 from elign.edm.force_reward import ForceFieldReward
 from elign.edm.shaping import PotentialShaping, RewardScheduler
 from elign.engine.bookkeeping import RewardBook
+from elign.engine.errors import ConfigError
 from elign.engine.rollout import Rollout
 from elign.engine.strategies.fed_grpo import FedGRPOStrategy
 from elign.forcefield.dummy import DummyForceField
@@ -121,6 +122,17 @@ def test_fragment_penalty_counts_pieces_beyond_the_first():
     assert out.metrics["rollout/fragments_per_molecule"] == pytest.approx(2.0)
     with pytest.raises(Exception, match="fragment_weight"):
         reward(DummyForceField(energy=-1.0), fragment_weight=-1.0)
+
+
+def test_log_force_scale_enters_the_force_channel_and_metrics_stay_in_ev_per_angstrom(xtb):
+    pos, z = conformer("CCO")
+    distorted = pos + np.random.default_rng(0).normal(scale=0.15, size=pos.shape)
+    rollout = make_rollout([(pos, z), (distorted, z)])
+    linear, log = reward(xtb)(rollout), reward(xtb, force_scale="log")(rollout)
+    assert torch.allclose(log.channels["force"], -torch.log(-linear.channels["force"]), rtol=1e-5)
+    assert log.metrics["force_rms_ev_per_angstrom"] == linear.metrics["force_rms_ev_per_angstrom"]
+    with pytest.raises(ConfigError, match="force_scale"):
+        reward(xtb, force_scale="sqrt")
 
 
 def test_shaping_potentials_rise_as_the_prediction_relaxes(xtb):

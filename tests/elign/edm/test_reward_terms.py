@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from elign.edm.reward_terms import (aggregate_forces, formation_energy, hard_valence_penalty, soft_valence,
-                                    transform_energy)
+from elign.edm.reward_terms import (aggregate_forces, formation_energy, hard_valence_penalty, scale_force,
+                                    soft_valence, transform_energy)
 from elign.edm.shaping import RewardScheduler, schedule_columns
 from elign.engine.errors import ConfigError
 
@@ -16,6 +16,19 @@ def test_force_rms_max_and_clip_hand_computed():
     assert aggregate_forces(forces, mask, "rms", None).item() == pytest.approx(math.sqrt((25 + 1) / 2))
     assert aggregate_forces(forces, mask, "max", None).item() == pytest.approx(5.0)
     assert aggregate_forces(forces, mask, "rms", 2.0).item() == pytest.approx(math.sqrt((4 + 1) / 2))
+
+
+def test_force_log_scale_hand_computed_floor_and_nan():
+    force = torch.tensor([3.0, 30.0, 0.001, float("nan")], dtype=torch.float64)
+    assert scale_force(force, "linear") is force
+    out = scale_force(force, "log")
+    assert out[:3].tolist() == pytest.approx([math.log(3.0), math.log(30.0), math.log(0.01)])
+    # 3 -> 2.7 eV/Å moves the reward as much as 30 -> 27: the scale is relative
+    assert (scale_force(torch.tensor([2.7]), "log") - scale_force(torch.tensor([3.0]), "log")).item() == \
+        pytest.approx((scale_force(torch.tensor([27.0]), "log") - scale_force(torch.tensor([30.0]), "log")).item())
+    assert math.isnan(out[3]), "a failed molecule stays NaN (the engine applies the penalty)"
+    with pytest.raises(ValueError, match="linear"):
+        scale_force(force, "sqrt")
 
 
 def test_failed_molecule_stays_nan():
