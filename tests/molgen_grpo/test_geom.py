@@ -32,8 +32,11 @@ SORTED_NAMES = ["CC(=O)O.pickle", "CCO.pickle", "C_C=C_C(=O)O.pickle", "c1cc[nH]
 def geom_record(smiles: str, energies: list[float | None], seed: int) -> dict:
     """A GEOM-shaped molecule dict: one explicit-H RDKit Mol with one conformer per entry."""
     template = Chem.AddHs(Chem.MolFromSmiles(smiles))
-    ids = list(AllChem.EmbedMultipleConfs(template, len(energies), randomSeed=seed))
+    # randomSeed=0 gives n identical conformers in RDKit: start at 1 so the order tests see distinct ones
+    ids = list(AllChem.EmbedMultipleConfs(template, len(energies), randomSeed=seed + 1))
     assert len(ids) == len(energies)
+    positions = [template.GetConformer(i).GetPositions() for i in ids]
+    assert all(not np.allclose(positions[0], p) for p in positions[1:]), "conformers must differ"
     conformers = []
     for k, (conf_id, energy) in enumerate(zip(ids, energies)):
         mol = Chem.Mol(template, confId=conf_id)
