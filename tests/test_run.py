@@ -107,8 +107,9 @@ def experiments() -> list[str]:
 def tiny(experiment: str) -> list[str]:
     """Overrides that make any experiment one short iteration, read off its composed config."""
     cfg = compose_with(f"experiment={experiment}")
-    out = ["trainer.max_iterations=1", "model.num_steps=10", f"model.skip_prefix={min(cfg.model.skip_prefix, 5)}",
-           "trainer.progress=false"]
+    out = ["trainer.max_iterations=1", "trainer.progress=false"]
+    if "num_steps" in cfg.model:  # EDM: fewer sampling steps (a language model has none)
+        out += ["model.num_steps=10", f"model.skip_prefix={min(cfg.model.skip_prefix, 5)}"]
     if "group_size" in cfg.dataloader:  # prompts x group
         out += ["dataloader.batch_size=4", "dataloader.group_size=2", "trainer.micro_batch_size=4"]
     else:  # supervised mini-batches
