@@ -57,13 +57,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 from elign.engine.errors import ConfigError, DataFormatError, check_int
-from molgen_grpo.tokenizer import load_tokenizer
+from molgen_grpo.tokenizer import load_tokenizer, resolve_path
 
 __all__ = ["IGNORE_INDEX", "MIN_EMBEDDED_CHARS", "PackedBatches", "PackedJsonl", "best_fit", "build_unit",
            "pack_row"]
 
 IGNORE_INDEX = -100  # label of positions with no real next token (cross_entropy's ignore_index)
 MIN_EMBEDDED_CHARS = 16  # 3DMolGen's min_emb_len: shorter embedded strings are skipped
+SHIPPED_DATA = "package:molgen_grpo/data/qm9_conformers"  # built by scripts/build_molgen_data.py
 KEYS = ("canonical_smiles", "embedded_smiles")
 COUNTERS = ("units", "skipped", "truncated", "rows")
 STATE_KEYS = ("epoch", "file_index", "byte_offset", "line_number", "rng", "buffer", "pending")
@@ -128,7 +129,7 @@ class PackedJsonl(IterableDataset):
     ) -> None:
         """
         Args:
-            paths: one JSONL file or a list of them, read in order.
+            paths: one JSONL file or a list of them, read in order; ``package:<package>/<path>`` allowed.
             tokenizer: a tokenizer, or a path for :func:`molgen_grpo.tokenizer.load_tokenizer`; its pad
                 token is the separator and the padding.
             seq_len: tokens per row (3DMolGen: 2048 by default, 4096 in the current run).
@@ -141,10 +142,12 @@ class PackedJsonl(IterableDataset):
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         if not paths:
             raise ConfigError("paths", paths, "one JSONL file or a non-empty list of them")
-        for path in paths:
+        resolved = [resolve_path(str(p)) for p in paths]  # package:<package>/<path> or a plain path
+        for raw, path in zip(paths, resolved):
             if not Path(path).is_file():
-                raise FileNotFoundError(f"JSONL file not found: {path}")
-        self.paths = [str(p) for p in paths]
+                hint = " (build it with scripts/build_molgen_data.py)" if str(raw).startswith(SHIPPED_DATA) else ""
+                raise FileNotFoundError(f"JSONL file not found: {raw} -> {path}{hint}")
+        self.paths = resolved
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         if self.tokenizer.pad_token_id is None:
             raise ConfigError("tokenizer", type(self.tokenizer).__name__,

@@ -1,11 +1,7 @@
 """Config glue for the pretraining job (``conf/experiment/molgen/pretrain.yaml``).
 
-Two adapters, both thin, both because of how a Hydra config reaches the objects:
+One adapter, because of how a Hydra config reaches the object:
 
-- :func:`packed_jsonl`: :class:`molgen_grpo.packing.PackedJsonl` whose ``paths`` may be ``package:``
-  paths (``package:molgen_grpo/data/qm9_conformers/train.jsonl``), like the tokenizer's path. A run
-  stays in its launch directory (``hydra.job.chdir: false``), so a relative path would name a
-  different file from every other directory.
 - :func:`wsds_schedule`: :class:`molgen_grpo.schedule.WSDSSchedule` under the keys of the trainer's
   default ``lr_schedule`` node. An experiment selects a schedule by replacing ``_target_``, but Hydra
   merges the experiment into ``conf/trainer/default.yaml`` and cannot delete keys, so the default's
@@ -18,45 +14,14 @@ Two adapters, both thin, both because of how a Hydra config reaches the objects:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
-from transformers import PreTrainedTokenizerBase
-
 from elign.engine.errors import ConfigError, check_int
-from molgen_grpo.packing import MIN_EMBEDDED_CHARS, PackedJsonl
+from molgen_grpo.packing import SHIPPED_DATA
 from molgen_grpo.schedule import WSDSSchedule
-from molgen_grpo.tokenizer import resolve_path
 
-__all__ = ["SHIPPED_DATA", "RunWSDSSchedule", "packed_jsonl", "wsds_schedule"]
+__all__ = ["SHIPPED_DATA", "RunWSDSSchedule", "wsds_schedule"]
 
-SHIPPED_DATA = "package:molgen_grpo/data/qm9_conformers"  # built by scripts/build_molgen_data.py
-
-
-def packed_jsonl(
-    paths: str | Sequence[str],
-    tokenizer: PreTrainedTokenizerBase | str,
-    seq_len: int = 2048,
-    seed: int = 0,
-    shuffle_buffer: int = 4096,
-    lookahead: int = 100,
-    min_embedded_chars: int = MIN_EMBEDDED_CHARS,
-    infinite: bool = True,
-) -> PackedJsonl:
-    """:class:`PackedJsonl` over ``paths`` after resolving ``package:`` prefixes (other paths unchanged).
-
-    Args: as :class:`PackedJsonl`; ``paths`` entries may be ``package:<package>/<path inside it>``.
-    Raises:
-        FileNotFoundError: a resolved path is not a file (the message names the path as given too).
-    """
-    given = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    resolved = [resolve_path(str(p)) for p in given]
-    for raw, path in zip(given, resolved):
-        if not Path(path).is_file():
-            hint = " (build it with scripts/build_molgen_data.py)" if str(raw).startswith(SHIPPED_DATA) else ""
-            raise FileNotFoundError(f"JSONL file not found: {raw} -> {path}{hint}")
-    return PackedJsonl(resolved, tokenizer, seq_len=seq_len, seed=seed, shuffle_buffer=shuffle_buffer,
-                       lookahead=lookahead, min_embedded_chars=min_embedded_chars, infinite=infinite)
 
 
 class RunWSDSSchedule(WSDSSchedule):

@@ -19,7 +19,8 @@ import run as run_module
 from elign.engine.distributed import DistInfo
 from elign.engine.errors import ConfigError
 from molgen_grpo.conformers import MAPPING_NAME
-from molgen_grpo.pretraining import SHIPPED_DATA, packed_jsonl, wsds_schedule
+from molgen_grpo.packing import PackedJsonl
+from molgen_grpo.pretraining import SHIPPED_DATA, wsds_schedule
 from molgen_grpo.schedule import WSDSSchedule
 from molgen_grpo.tokenizer import ASSET_PATH, resolve_path
 
@@ -110,9 +111,9 @@ def test_a_run_within_the_warmup_only_warms_up():
 
 @built
 def test_packed_jsonl_resolves_package_paths(tmp_path):
-    dataset = packed_jsonl(TRAIN, ASSET_PATH, seq_len=256, shuffle_buffer=4, lookahead=2)
+    dataset = PackedJsonl(TRAIN, ASSET_PATH, seq_len=256, shuffle_buffer=4, lookahead=2)
     assert dataset.paths == [resolve_path(TRAIN)] and Path(dataset.paths[0]).is_file()
     row = dataset.next_row()
     assert row["input_ids"].shape == (256,) and int(row["attention_mask"].sum()) > 16
     with pytest.raises(FileNotFoundError, match="missing.jsonl.*build_molgen_data"):
-        packed_jsonl(f"{SHIPPED_DATA}/missing.jsonl", ASSET_PATH)
+        PackedJsonl(f"{SHIPPED_DATA}/missing.jsonl", ASSET_PATH)
