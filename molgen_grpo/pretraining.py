@@ -6,10 +6,7 @@ One adapter, because of how a Hydra config reaches the object:
   default ``lr_schedule`` node. An experiment selects a schedule by replacing ``_target_``, but Hydra
   merges the experiment into ``conf/trainer/default.yaml`` and cannot delete keys, so the default's
   ``total_steps`` (an argument of ``WarmupCosineSchedule``) stays in the node. Here it keeps its
-  meaning: the step at which the one decay ends when ``checkpoints`` is null. A run no longer than
-  the warmup (a smoke run with ``trainer.max_iterations=1``) only warms up, as with the engine's
-  ``WarmupCosineSchedule``; ``WSDSSchedule.bind`` would refuse it, naming ``checkpoints``, a key the
-  user left null.
+  meaning: the step at which the one decay ends when ``checkpoints`` is null.
 """
 
 from __future__ import annotations
@@ -20,18 +17,7 @@ from elign.engine.errors import ConfigError, check_int
 from molgen_grpo.packing import SHIPPED_DATA
 from molgen_grpo.schedule import WSDSSchedule
 
-__all__ = ["SHIPPED_DATA", "RunWSDSSchedule", "wsds_schedule"]
-
-
-
-class RunWSDSSchedule(WSDSSchedule):
-    """:class:`WSDSSchedule` whose null ``checkpoints`` bind to the run's end, or just past the warmup
-    for a run no longer than it (the LR then never leaves the warmup)."""
-
-    def bind(self, total_steps: int) -> "RunWSDSSchedule":
-        if self.checkpoints is None:
-            self.checkpoints = [max(int(total_steps), self.warmup_steps + 1)]
-        return self
+__all__ = ["SHIPPED_DATA", "wsds_schedule"]
 
 
 def wsds_schedule(
@@ -40,8 +26,8 @@ def wsds_schedule(
     decay_frac: float = 0.1,
     min_lr_ratio: float = 0.0,
     total_steps: int | None = None,
-) -> RunWSDSSchedule:
-    """A :class:`RunWSDSSchedule`; ``total_steps`` is the one checkpoint when ``checkpoints`` is null.
+) -> WSDSSchedule:
+    """A :class:`WSDSSchedule`; ``total_steps`` is the one checkpoint when ``checkpoints`` is null.
 
     Args:
         warmup_steps, checkpoints, decay_frac, min_lr_ratio: as :class:`WSDSSchedule`.
@@ -58,4 +44,4 @@ def wsds_schedule(
             raise ConfigError("total_steps", total_steps, "null when checkpoints is set (the last checkpoint "
                                                           "ends the schedule)")
         checkpoints = [total_steps]
-    return RunWSDSSchedule(warmup_steps, None if checkpoints is None else list(checkpoints), decay_frac, min_lr_ratio)
+    return WSDSSchedule(warmup_steps, None if checkpoints is None else list(checkpoints), decay_frac, min_lr_ratio)

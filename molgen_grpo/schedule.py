@@ -95,9 +95,11 @@ class WSDSSchedule:
         return values
 
     def bind(self, total_steps: int) -> "WSDSSchedule":
-        """Fill ``checkpoints`` with ``[total_steps]`` if it was left null."""
+        """Fill ``checkpoints`` with ``[total_steps]`` if it was left null; a run no longer than the
+        warmup (a smoke run) gets the step just past it, so it only warms up, as with the engine's
+        ``WarmupCosineSchedule``."""
         if self.checkpoints is None:
-            self.checkpoints = self._check([int(total_steps)])
+            self.checkpoints = self._check([max(int(total_steps), self.warmup_steps + 1)])
         return self
 
     def __call__(self, step: int) -> float:
