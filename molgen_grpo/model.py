@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM
 
 from elign.engine.errors import ConfigError, check_int, check_range
+from molgen_grpo.tokenizer import resolve_path
 
 __all__ = ["DTYPES", "INITS", "LORA_KEYS", "build_model", "wrap_lora"]
 
@@ -92,9 +93,9 @@ def _pretrained(path: str | None, vocab_size: int, dtype: torch.dtype, attention
     if path is None:
         raise ConfigError("path", path, "a local model directory or a Hub id with init=pretrained")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=attention)
+        model = AutoModelForCausalLM.from_pretrained(resolve_path(str(path)), dtype=dtype, attn_implementation=attention)
     except (OSError, ValueError) as err:
-        where = "the directory has no loadable model" if Path(str(path)).is_dir() else (
+        where = "the directory has no loadable model" if Path(resolve_path(str(path))).is_dir() else (
             "no such local directory, and the Hub id could not be loaded (no network or not cached): "
             "pass a local model directory")
         raise ConfigError("path", path, f"a model directory or a reachable Hub id ({where}; "

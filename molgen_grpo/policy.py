@@ -261,6 +261,12 @@ class Qwen3Policy:
         return loss, {"num_samples": float(ids.shape[0]), "num_tokens": float(mask.sum()),
                       "target_tokens": float((labels != -100).sum())}
 
+    @staticmethod
+    def supervised_weight(batch: Mapping[str, Tensor]) -> int:
+        """Target tokens of a batch, the count :meth:`supervised_loss` averages over: the engine
+        weights accumulated batches and ranks by it, so a step is the global token mean."""
+        return int((batch["labels"] != -100).sum())
+
     # ------------------------------------------------------------------ checkpoints and export
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -159,7 +159,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule.bind(self.total_optimizer_steps))
         self.step = OptimizerStep([p for _, p in named], self.optimizer, self.scheduler, max_grad_norm, self.ema)
         if self.supervised:
-            self.supervised_update = SupervisedUpdate(policy, strategy, self.step, self.sync, grad_accum_steps)
+            self.supervised_update = SupervisedUpdate(policy, strategy, self.step, self.sync, grad_accum_steps, dist)
         else:
             self.replay.step = self.step
             self.fused, missing = fused_applies(fused_rollout, policy, strategy, steps_per_iteration)

@@ -234,23 +234,43 @@ def fused_applies(setting: bool | str, policy: Any, strategy: Any, optimizer_ste
 
 
 class SupervisedUpdate:
-    """One optimizer step on the domain's supervised loss over ``grad_accum_steps`` batches
-    (each loss scaled by ``1 / grad_accum_steps``; DDP synchronises on the last)."""
+    """One optimizer step on the domain's supervised loss over ``grad_accum_steps`` batches (DDP
+    synchronises on the last).
+
+    Each batch's loss is a mean over its own items. By default each is scaled by ``1 / grad_accum_steps``
+    (a mean of means, exact when every batch holds as many items). A policy whose batches hold unequal
+    counts (packed token rows: tail padding, ``-100`` labels) exposes ``supervised_weight(batch)``, the
+    number its loss averages over; then batch ``i`` of every rank is weighted ``W n_i / N`` (``N`` summed
+    over all batches of all ``W`` ranks, one all-reduce), so that after DDP's gradient average the step
+    is that of the global mean over all ``N`` items: exactly one process's step on the same data.
+    """
 
     def __init__(self, policy: Any, strategy: Any, step: OptimizerStep, sync: SyncContext,
-                 grad_accum_steps: int | None) -> None:
+                 grad_accum_steps: int | None, dist: DistInfo | None = None) -> None:
         self.policy, self.strategy, self.step, self.sync = policy, strategy, step, sync
         self.grad_accum_steps = grad_accum_steps or 1
+        self.dist = dist
+
+    def weights(self, batches: list[Any]) -> list[float]:
+        """Loss weight of each of this rank's batches (see the class docstring)."""
+        count = getattr(self.policy, "supervised_weight", None)
+        if count is None:
+            return [1.0 / len(batches)] * len(batches)
+        counts = [float(count(batch)) for batch in batches]
+        world = self.dist.world_size if self.dist is not None and self.dist.enabled else 1
+        total = all_reduce_sum([sum(counts)], self.dist)[0] if world > 1 else sum(counts)
+        return [world * c / total if total > 0 else 0.0 for c in counts]
 
     def __call__(self, batches: Iterator[Any]) -> dict[str, float]:
         self.policy.module.train()
+        drawn = [next(batches) for _ in range(self.grad_accum_steps)]
+        weights = self.weights(drawn)
         sums: dict[str, float] = defaultdict(float)
-        for i in range(self.grad_accum_steps):
-            batch = next(batches)
+        for i, (batch, weight) in enumerate(zip(drawn, weights)):
             with self.sync(i == self.grad_accum_steps - 1):
                 loss, extra = self.strategy.loss(self.policy, batch)
-                (loss / self.grad_accum_steps).backward()
-            sums["loss"] += float(loss.detach()) / self.grad_accum_steps
+                (loss * weight).backward()
+            sums["loss"] += float(loss.detach()) * weight
             for key, value in extra.items():
                 sums[key] += float(value) if key in THROUGHPUT else float(value) / self.grad_accum_steps
         norm = self.step()

@@ -48,7 +48,10 @@ def test_command_line_run_logs_loss_and_tokens_per_second(tmp_path):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = rows_of(tmp_path / "run")
-    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert [r["iteration"] for r in rows] == [-1, 0, 1, 2]  # -1: the held-out evaluation of the starting weights
+    start, rows = rows[0], rows[1:]
+    assert start["eval/loss"] == pytest.approx(math.log(179), rel=0.1) and start["eval/parse_rate"] == 0.0
+    assert math.isfinite(rows[-1]["eval/loss"]) and 0.0 <= rows[-1]["eval/graph_match_rate"] <= 1.0
     for row in rows:
         assert math.isfinite(row["train/loss"]) and row["train/tokens_per_s"] > 0 and row["train/lr"] > 0
     assert rows[0]["train/loss"] == pytest.approx(math.log(179), rel=0.1)  # random init: ~uniform over the vocabulary

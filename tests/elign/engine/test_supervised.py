@@ -98,3 +98,18 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path):
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
         assert b["train/nll"] == pytest.approx(a["train/nll"], rel=1e-5)
         assert b["train/samples_per_s"] > 0 and b["train/tokens_per_s"] == pytest.approx(6 * b["train/samples_per_s"])
+
+
+def test_accumulated_batches_are_weighted_by_the_policys_count():
+    """A policy that reports what its loss averages over gets the global mean (3 and 1 items: 3/4, 1/4);
+    without that hook every batch weighs 1 / grad_accum_steps."""
+    from types import SimpleNamespace
+
+    from elign.engine.updates import SupervisedUpdate
+
+    counted = SimpleNamespace(supervised_weight=lambda batch: batch["n"])
+    update = SupervisedUpdate(counted, None, None, None, grad_accum_steps=2, dist=SINGLE)
+    assert update.weights([{"n": 3}, {"n": 1}]) == [0.75, 0.25]
+    assert update.weights([{"n": 0}, {"n": 0}]) == [0.0, 0.0]  # nothing to average over: no gradient
+    plain = SupervisedUpdate(SimpleNamespace(), None, None, None, grad_accum_steps=2, dist=SINGLE)
+    assert plain.weights([{"n": 3}, {"n": 1}]) == [0.5, 0.5]
