@@ -194,6 +194,7 @@ class Trainer:
             seed_iteration(self.seed, iteration, self.dist.rank)
             timer = PhaseTimer()
             metrics = self._supervised_iteration(timer) if self.supervised else self._rl_iteration(timer)
+            metrics.update(self._data_metrics())
             last = iteration + 1 == self.max_iterations
             if self.evaluator is not None and self.eval_interval and ((iteration + 1) % self.eval_interval == 0 or last):
                 with timer.phase("eval"):
@@ -239,6 +240,11 @@ class Trainer:
             if f"train/{key}" in metrics:
                 metrics[f"train/{key.removeprefix('num_')}_per_s"] = metrics.pop(f"train/{key}") / seconds
         return metrics
+
+    def _data_metrics(self) -> dict[str, float]:
+        """The data source's own counters (e.g. packed units, skipped lines, epoch) if it keeps any."""
+        metrics = getattr(self.prompts, "metrics", None)
+        return dict(metrics()) if callable(metrics) else {}
 
     def _log_initial_evaluation(self) -> None:
         """The starting weights' evaluation as iteration -1 (no checkpoint: nothing was trained)."""

@@ -52,6 +52,7 @@ def test_command_line_run_logs_loss_and_tokens_per_second(tmp_path):
     start, rows = rows[0], rows[1:]
     assert start["eval/loss"] == pytest.approx(math.log(179), rel=0.1) and start["eval/parse_rate"] == 0.0
     assert math.isfinite(rows[-1]["eval/loss"]) and 0.0 <= rows[-1]["eval/graph_match_rate"] <= 1.0
+    assert rows[-1]["data/rows"] == 3 * 2 and rows[-1]["data/epoch"] == 0  # the packer's counters are logged
     for row in rows:
         assert math.isfinite(row["train/loss"]) and row["train/tokens_per_s"] > 0 and row["train/lr"] > 0
     assert rows[0]["train/loss"] == pytest.approx(math.log(179), rel=0.1)  # random init: ~uniform over the vocabulary
