@@ -3,6 +3,7 @@
 config tree itself (every option, signatures, comments) is tested in test_config.py."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -114,8 +115,11 @@ def tiny(experiment: str) -> list[str]:
         out += ["dataloader.batch_size=4", "dataloader.group_size=2", "trainer.micro_batch_size=4"]
     else:  # supervised mini-batches
         out += ["dataloader.batch_size=8"]
-    if cfg.get("evaluator") is not None:
+    if cfg.get("evaluator") is not None and "num_samples" in cfg.evaluator:  # generated-sample evaluators
         out += ["evaluator.num_samples=4", "evaluator.batch_size=4"]
+    elif cfg.get("evaluator") is not None:  # held-out loss + prompted completions (language models)
+        out += ["evaluator.max_rows=4", "evaluator.batch_size=4", "evaluator.num_molecules=2",
+                "evaluator.samples_per_molecule=2"]
     if cfg.reward.get("shaping") is not None:
         out += ["reward.shaping.scheduler.start_step=6"]  # score the last 4 of 10 steps
     return out
@@ -137,8 +141,10 @@ def test_every_experiment_runs_end_to_end(tmp_path, experiment):
     if saved.strategy._target_.endswith("FedGRPOStrategy"):
         for channel in saved.strategy.channel_weights:  # the recipe's weights name channels its reward emits
             assert f"reward/{channel}" in last, channel
-    if saved.get("evaluator") is not None:
+    if saved.get("evaluator") is not None and "num_samples" in saved.evaluator:
         assert last["eval/num_samples"] == 4
+    elif saved.get("evaluator") is not None:
+        assert math.isfinite(last["eval/loss"]) and 0.0 <= last["eval/parse_rate"] <= 1.0
     if saved.reward.get("shaping") is not None:  # the ELIGN recipe: PBRS energy shaping on z0 predictions
         assert last["reward/shaping_evaluations"] > 0
         for key in ("rollout/validity", "rollout/molecule_stability", "reward/ff_ok_frac", "timing/reward"):
