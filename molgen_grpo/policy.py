@@ -107,6 +107,8 @@ class Qwen3Policy:
             (loaded before LoRA is added) or a LoRA run's adapter weights; None = as built.
         rollout_batch_size: completions generated per ``generate`` call (a multiple of the group
             size, so no group is split); None = all at once.
+        mask_truncated_completions: TRL's option: a completion cut at ``max_new_tokens`` without a
+            stop token keeps its reward (and its place in the group statistics) but trains no token.
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class Qwen3Policy:
         frozen_reference: bool = False,
         checkpoint: str | None = None,
         rollout_batch_size: int | None = None,
+        mask_truncated_completions: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         tokenizer.padding_side = "left"
@@ -141,6 +144,7 @@ class Qwen3Policy:
         self.max_integer_digits = check_int("max_integer_digits", max_integer_digits, 1)
         self.rollout_batch_size = check_int("rollout_batch_size", rollout_batch_size, 1, allow_none=True,
                                             allowed="null or a positive multiple of the group size")
+        self.mask_truncated = _flag("mask_truncated_completions", mask_truncated_completions)
         self.alphabet = CoordinateAlphabet(tokenizer) if self.constrained else None
         if self.alphabet is not None and set(self.stop_ids) & self.alphabet.ids:
             raise ConfigError("stop_tokens", list(stop_tokens), "tokens other than the coordinate characters "
@@ -325,6 +329,9 @@ class Qwen3Policy:
         generated = completion.shape[1]
         mask = until_stop(completion, self.stop_ids)
         step_mask = mask.clone()
+        if self.mask_truncated:
+            stopped = (torch.isin(completion, torch.tensor(self.stop_ids, device=mask.device)) & mask).any(1)
+            step_mask &= stopped.unsqueeze(1)
         if constraint is not None:
             step_mask &= ~torch.stack(constraint.forced, dim=1).to(mask.device)[:, :generated]
         pad = self.max_new_tokens - generated

@@ -107,6 +107,21 @@ def test_step_mask_stops_after_the_first_stop_token(tokenizer):
     assert rollout.info["metrics"]["completions/clipped_ratio"] == pytest.approx(float((lengths == 30).double().mean()))
 
 
+def test_mask_truncated_completions_trains_no_token_of_a_cut_completion(tokenizer):
+    stops = STOP + ["C", "c", "1", "(", ")", "=", "[C]", "[O]", "0", ".", "-", ","]
+    kept = make(tokenizer, stop_tokens=stops, max_new_tokens=12).rollout(PROMPTS, group_size=4)
+    masked = make(tokenizer, stop_tokens=stops, max_new_tokens=12, mask_truncated_completions=True).rollout(PROMPTS, 4)
+    torch.testing.assert_close(masked.payload["completion_ids"], kept.payload["completion_ids"])  # same samples
+    cut = kept.payload["completion_mask"].sum(1) == 12
+    stopped_at_end = torch.isin(kept.payload["completion_ids"][:, -1], torch.tensor(
+        [tokenizer.convert_tokens_to_ids(s) for s in stops]))
+    truncated = cut & ~stopped_at_end
+    assert truncated.any() and (~truncated).any()
+    assert not masked.step_mask[truncated].any()
+    torch.testing.assert_close(masked.step_mask[~truncated], kept.step_mask[~truncated])
+    assert masked.payload["completion_mask"].equal(kept.payload["completion_mask"])  # the reward still sees the text
+
+
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (0.7, 5, 0.9)])
 def test_logp_old_is_log_prob_at_the_sampling_weights(tokenizer, temperature, top_k, top_p):
     """TRL's semantics: log_softmax(logits / T) of the raw model, not renormalised by top-k / top-p."""
