@@ -86,6 +86,7 @@ class GRPOStrategy:
         loss_type: str = "dapo",
         beta: float = 0.0,
         kl_estimator: str = "k3",
+        kl_ratio_correction: bool = False,
     ) -> None:
         """
         Args:
@@ -109,6 +110,10 @@ class GRPOStrategy:
             beta: weight of the KL to the reference policy; 0 loads no reference.
             kl_estimator: ``k3`` (from the reference's log-probs of the sampled actions) or
                 ``gaussian`` (closed form, for Gaussian step policies).
+            kl_ratio_correction: multiply the per-pair KL by the (differentiable, unclipped)
+                importance weight, which makes the k3 gradient the unbiased reverse-KL gradient
+                off-policy (DeepSeek-V3.2; TRL's ``use_bias_correction_kl``, on by default since TRL 1.x).
+                It changes the KL gradient even on-policy, where the weight's value is 1.
         """
         self.channel_weights = weight_map("reward_weights", reward_weights)
         self.default_weight = finite("default_weight", default_weight)
@@ -128,6 +133,9 @@ class GRPOStrategy:
         self.loss_type = choice("loss_type", loss_type, LOSS_TYPES)
         self.beta = finite("beta", beta, lambda x: x >= 0, "a number >= 0")
         self.kl_estimator = choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+        if not isinstance(kl_ratio_correction, bool):
+            raise ConfigError("kl_ratio_correction", kl_ratio_correction, "true or false")
+        self.kl_ratio_correction = kl_ratio_correction
 
     @property
     def needs_whole_sequences(self) -> bool:
@@ -160,7 +168,8 @@ class GRPOStrategy:
     def loss(self, batch: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         """``-min(rho' A, clip(rho) A) + beta KL`` per trained pair, aggregated by ``loss_type``.
 
-        Sums: ``count``, ``loss``, ``clipped`` (TRL's ``clip_ratio/region_mean``), ``clipped_low``,
+        Sums (the ``kl`` logged is the one in the loss, corrected when ``kl_ratio_correction``, as TRL
+        logs it): ``count``, ``loss``, ``clipped`` (TRL's ``clip_ratio/region_mean``), ``clipped_low``,
         ``clipped_high``, ``ratio`` and, with ``beta > 0``, ``kl``. At the sequence level the
         ratio and the clip indicators of a sequence count once per trained token (TRL counts
         them once per sequence)."""
@@ -177,6 +186,8 @@ class GRPOStrategy:
             if batch.reference is None:
                 raise ValueError("beta > 0 needs the policy's reference terms (LossInputs.reference is None)")
             kl = reference_kl(batch.reference, batch.logp, self.kl_estimator, batch.mask)
+            if self.kl_ratio_correction:
+                kl = kl * ratio
             per_pair = per_pair + self.beta * kl
         loss = aggregate_loss(per_pair, batch.mask, batch.seq_tokens, batch.counts, self.loss_type)
         sums = pair_sums(batch.mask, per_pair.dtype, loss=per_pair, clipped=low | high, clipped_low=low,

@@ -33,14 +33,14 @@ class _Accelerator:
 
 
 def trl_loss(logp, logp_old, adv, mask, ref_logp=None, *, loss_type, level, eps_low, eps_high, delta, beta,
-             grad_acc=1, num_processes=1, num_items=None):
+             grad_acc=1, num_processes=1, num_items=None, kl_fix=False):
     """TRL's loss of one micro-batch (``grad_acc`` micro-batches per optimizer step, one generation
     batch per step), and the metrics it logged."""
     trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")  # here: a deselected run never imports TRL
     b, t = logp.shape
     stub = SimpleNamespace(
         top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=delta, steps_per_generation=grad_acc),
+        args=SimpleNamespace(use_bias_correction_kl=kl_fix, delta=delta, steps_per_generation=grad_acc),
         loss_type=loss_type, epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False,
         model=SimpleNamespace(training=True), current_gradient_accumulation_steps=grad_acc, max_completion_length=t,
         accelerator=_Accelerator(num_processes), _entropy_bonus_enabled=False, aux_loss_enabled=False,
@@ -84,9 +84,11 @@ def ours(strategy, logp, logp_old, ref_logp, adv, mask, c):
 
 
 CONFIGS = [
-    dict(loss_type=lt, level=level, eps_low=0.2, eps_high=eh, delta=delta, beta=beta)
+    dict(loss_type=lt, level=level, eps_low=0.2, eps_high=eh, delta=delta, beta=beta, kl_fix=kl_fix)
     for lt in ("grpo", "bnpo", "dr_grpo", "dapo")
-    for level, eh, delta, beta in [("token", 0.2, None, 0.0), ("token", 0.28, 1.5, 0.04), ("sequence", 0.28, None, 0.04)]
+    for level, eh, delta, beta, kl_fix in [("token", 0.2, None, 0.0, False), ("token", 0.28, 1.5, 0.04, False),
+                                           ("token", 0.28, 1.5, 0.04, True), ("sequence", 0.28, None, 0.04, False),
+                                           ("sequence", 0.28, None, 0.04, True)]
 ]
 
 
@@ -94,7 +96,8 @@ CONFIGS = [
 def test_whole_batch_loss_gradient_and_metrics_match_trl(cfg):
     logp, logp_old, ref_logp, adv, mask = case(0, [3, 7, 1, 5, 6, 2])
     strategy = GRPOStrategy(loss_type=cfg["loss_type"], importance_sampling=cfg["level"], epsilon_low=cfg["eps_low"],
-                            epsilon_high=cfg["eps_high"], delta=cfg["delta"], beta=cfg["beta"])
+                            epsilon_high=cfg["eps_high"], delta=cfg["delta"], beta=cfg["beta"],
+                            kl_ratio_correction=cfg["kl_fix"])
     a = logp.clone().requires_grad_(True)
     loss, sums = ours(strategy, a, logp_old, ref_logp, adv, mask, counts(mask))
     loss.backward()
