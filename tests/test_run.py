@@ -145,6 +145,9 @@ def test_every_experiment_runs_end_to_end(tmp_path, experiment):
     elif saved.get("evaluator") is not None:  # language models: held-out loss and / or prompted completions
         assert 0.0 <= last["eval/parse_rate"] <= 1.0
         assert "max_rows" not in saved.evaluator or math.isfinite(last["eval/loss"])
+    if saved.trainer.get("sample_table_interval"):  # iteration 0 always gets a table
+        table = [json.loads(x) for x in (tmp_path / "run" / "samples" / "iteration_000000.jsonl").read_text().splitlines()]
+        assert table and all("advantage" in row and "group" in row for row in table)
     if saved.reward.get("shaping") is not None:  # the ELIGN recipe: PBRS energy shaping on z0 predictions
         assert last["reward/shaping_evaluations"] > 0
         for key in ("rollout/validity", "rollout/molecule_stability", "reward/ff_ok_frac", "timing/reward"):

@@ -145,6 +145,13 @@ class WandbLogger:
         if self._run is not None:
             self._run.log(metrics, step=step)
 
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A W&B table (the sample tables of :mod:`elign.engine.tables`)."""
+        if self._run is not None:
+            import wandb
+
+            self._run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
     def finish(self) -> None:
         if self._run is not None:
             self._run.finish()

@@ -27,6 +27,7 @@ from elign.engine.metrics import MetricsWriter, NullLogger, PhaseTimer
 from elign.engine.progress import Progress
 from elign.engine.policy_state import load_policy_state_dict, param_groups, policy_state_dict, trainable_parameters
 from elign.engine.rollout import Filter, IdentityFilter, Policy, PromptSource, Reward
+from elign.engine.tables import SampleTable
 from elign.engine.updates import (THROUGHPUT, FusedUpdate, GradientSync, OptimizerStep, ReplayedUpdate,
                                   SupervisedUpdate, fused_applies)
 
@@ -75,6 +76,8 @@ class Trainer:
         fused_rollout: bool | str = False,
         failure_penalty: float = -1.0,
         ddp: dict[str, bool] | None = None,
+        sample_table_interval: int = 0,
+        sample_table_rows: int = 64,
         filter: Filter | None = None,
         logger: Any = None,
         evaluator: Callable[[Any], dict[str, float]] | None = None,
@@ -111,6 +114,9 @@ class Trainer:
             failure_penalty: reward of a sample whose evaluation failed (NaN), in every channel.
             ddp: DistributedDataParallel options (find_unused_parameters, static_graph,
                 gradient_as_bucket_view); None = torch's defaults.
+            sample_table_interval: RL: write a table of prompts, completions, rewards and advantages
+                every N iterations (``samples/``, and the logger's table); 0 = never.
+            sample_table_rows: samples per table.
         """
         max_iterations, micro_batch_size = check_int("max_iterations", max_iterations, 1), check_int("micro_batch_size", micro_batch_size, 1)
         inner_epochs, save_interval = check_int("inner_epochs", inner_epochs, 1), check_int("save_interval", save_interval, 1)
@@ -176,6 +182,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints = CheckpointManager(self.run_dir, save_interval, best_metric, best_mode, enabled=dist.is_main)
         self.writer = MetricsWriter(self.run_dir, enabled=dist.is_main)
+        self.tables = SampleTable(self.run_dir, sample_table_interval, sample_table_rows, enabled=dist.is_main)
 
     @property
     def optimizer_steps(self) -> int:
@@ -193,7 +200,7 @@ class Trainer:
         for iteration in range(start, self.max_iterations):
             seed_iteration(self.seed, iteration, self.dist.rank)
             timer = PhaseTimer()
-            metrics = self._supervised_iteration(timer) if self.supervised else self._rl_iteration(timer)
+            metrics = self._supervised_iteration(timer) if self.supervised else self._rl_iteration(timer, iteration)
             metrics.update(self._data_metrics())
             last = iteration + 1 == self.max_iterations
             if self.evaluator is not None and self.eval_interval and ((iteration + 1) % self.eval_interval == 0 or last):
@@ -209,8 +216,8 @@ class Trainer:
 
     # -- one iteration ------------------------------------------------------------------------
 
-    def _rl_iteration(self, timer: PhaseTimer) -> dict[str, float]:
-        """Rollout, reward, bookkeeping, advantages, update."""
+    def _rl_iteration(self, timer: PhaseTimer, iteration: int) -> dict[str, float]:
+        """Rollout, reward, bookkeeping, advantages, (sample table), update."""
         with timer.phase("rollout"):
             if self.fused:
                 rollout, grads = self.policy.rollout_with_grads(next(self.prompts), self.group_size)
@@ -223,6 +230,7 @@ class Trainer:
                 rollout = dataclasses.replace(rollout, step_mask=rollout.step_mask & scored.keep.unsqueeze(1))
             advantages, adv_metrics = self.strategy.advantages(scored, rollout)
             metrics.update(adv_metrics)
+        self.tables(iteration, rollout, scored, advantages, self.logger)
         with timer.phase("update"):
             metrics.update(self.replay(rollout, advantages) if grads is None
                            else self.fused_update(rollout, advantages, grads))
