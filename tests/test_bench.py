@@ -111,3 +111,40 @@ def test_evidence_bench_trains_from_its_base_and_overrides_come_last(tmp_path, m
     (cmd,) = calls
     assert cmd[2:] == ["experiment=edm/elign_evidence", "seed=5", f"hydra.run.dir={tmp_path / 'seed5'}",
                        "trainer.resume=auto", "model.checkpoint=/w/base.pth", "strategy.kl_coef=0.04"]
+
+
+def test_molgen_speed_bench_runs_both_sides_on_full_length_completions():
+    out = subprocess.run([sys.executable, str(ROOT / "bench/molgen_grpo_speed.py"), "--hidden", "32", "--layers", "1",
+                          "--completion-len", "8", "--batch", "4", "--group", "2", "--steps", "1", "--threads", "1",
+                          "--work-dir", "/tmp/molgen_speed_test", "--out", "/tmp/molgen_speed_test/out.json"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "speed-up (completion tokens/s, ours / TRL)" in out.stdout
+    results = json.loads(Path("/tmp/molgen_speed_test/out.json").read_text())
+    assert [r["side"] for r in results] == ["ours", "trl"]
+    for r in results:  # the stop tokens are biased away: both sides generate exactly batch x length tokens
+        assert r["completion_tokens_per_step"] == 4 * 8, r
+        assert r["tokens_per_s"] > 0 and r["peak_rss_mib"] > 0
+    ours = results[0]
+    assert ours["generate_s"] + ours["reward_s"] + ours["update_s"] == pytest.approx(ours["s_per_step"])
+
+
+def test_molgen_evidence_bench_scores_shipped_and_post_trained_on_held_out_molecules(tmp_path):
+    run = tmp_path / "run"
+    trained = subprocess.run([sys.executable, str(ROOT / "run.py"), "experiment=molgen/grpo_conformer",
+                              f"hydra.run.dir={run}", "trainer.max_iterations=1", "trainer.eval_interval=0",
+                              "trainer.progress=false", "dataloader.batch_size=4", "dataloader.group_size=2",
+                              "trainer.micro_batch_size=4", "reward.posebusters=off"],
+                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    out = subprocess.run([sys.executable, str(ROOT / "bench/molgen_evidence.py"), "--post", str(run),
+                          "--train-seeds", "0", "--sample-seeds", "0", "--max-molecules", "2",
+                          "--samples-per-reference", "1", "--threads", "1", "--out-dir", str(tmp_path / "ev")],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode in (0, 1), out.stderr[-3000:]  # 1 = a target failed (one GRPO step: expected)
+    report = json.loads((tmp_path / "ev/evidence.json").read_text())
+    assert report["verdicts"]["aggregate"] == (out.returncode == 0)
+    pair = report["pairs"][0]
+    assert pair["base"]["molecules"] == 4 and pair["post"]["molecules"] == 4  # 2 test + 2 valid
+    assert pair["delta"]["mat_r"] == pytest.approx(100 * (pair["post"]["mat_r"] / pair["base"]["mat_r"] - 1), nan_ok=True)
+    assert "targets" in out.stdout and len(list((tmp_path / "ev/evals").glob("*.json"))) == 2
