@@ -78,6 +78,13 @@ def batch_counts(mask: Tensor, dist: DistInfo) -> BatchCounts:
                        world_size=dist.world_size, max_steps=int(mask.shape[1]))
 
 
+def global_sums(sums: dict[str, float], dist: DistInfo) -> dict[str, float]:
+    """A strategy's per-pair sums added over ranks (one collective), so ``train/*`` means are means
+    over the pairs of every rank, not a mean of per-rank means (ranks hold unequal numbers of tokens)."""
+    keys = sorted(sums)
+    return dict(zip(keys, all_reduce_sum([float(sums[k]) for k in keys], dist)))
+
+
 def loss_means(sums: dict[str, float]) -> dict[str, float]:
     """A strategy's per-pair sums as ``train/*`` means (``clipped`` -> ``clip_frac``, ``ratio`` -> ``ratio_mean``)."""
     count = max(sums.pop("count", 0.0), 1.0)
@@ -157,6 +164,7 @@ class ReplayedUpdate:
                         for key, value in stats.items():
                             sums[key] += float(value)
                 grad_norms.append(self.step())
+        sums = global_sums(sums, self.dist)
         drift_count = sums.pop("drift_count", 0.0)
         drift = sums.pop("drift_sum", 0.0) / max(drift_count, 1.0)
         out_metrics = loss_means(sums)
@@ -210,7 +218,7 @@ class FusedUpdate:
             raise ConfigError("trainer.fused_rollout", True, f"false for this strategy ({err})") from err
         grads.accumulate(coefficients)
         average_gradients(self.step.params, self.dist)
-        out = loss_means({k: float(v) for k, v in stats.items()})
+        out = loss_means(global_sums({k: float(v) for k, v in stats.items()}, self.dist))
         out["train/grad_norm"] = self.step()
         out["train/lr"] = self.step.lr
         return out
