@@ -16,7 +16,6 @@ the same completions for the same molecule.
 
 from __future__ import annotations
 
-import json
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from rdkit import Chem
 from elign.engine.errors import DataFormatError, check_int
 from molgen_grpo.conformers import MAPPING_NAME
 from molgen_grpo.coverage import THRESHOLDS, aggregate, covmat, decode_conformer, headline, rmsd_matrix
-from molgen_grpo.pickles import load_pickle
+from molgen_grpo.references import ReferenceStore, split_smiles
 from molgen_grpo.text import same_graph
 from molgen_grpo.tokenizer import resolve_path
 
@@ -69,35 +68,13 @@ def load_test_molecules(data_dir: str, split: str = "test", max_molecules: int |
         DataFormatError: a missing file, a bad JSONL line, or a molecule without a mapping entry
             (each names the file and line).
     """
-    root = Path(resolve_path(str(data_dir)))
-    mapping_file, split_file = root / MAPPING_NAME, root / f"{split}.jsonl"
-    for path in (mapping_file, split_file):
-        if not path.is_file():
-            raise DataFormatError(str(path), None, f"no such file: {root} is not a conformer data folder")
-    try:
-        mapping = json.loads(mapping_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataFormatError(str(mapping_file), exc.lineno, f"not JSON ({exc.msg})") from None
-    smiles: dict[str, int] = {}
-    with open(split_file, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                key = json.loads(line)["canonical_smiles"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataFormatError(str(split_file), line_no, "not a JSON object with canonical_smiles") from None
-            smiles.setdefault(key, line_no)
-            if max_molecules is not None and len(smiles) >= max_molecules:
-                break
+    store = ReferenceStore(data_dir, max_references=None, heavy_atoms_only=False)
     out = []
-    for key, line_no in smiles.items():
-        if key not in mapping:
-            raise DataFormatError(str(split_file), line_no, f"{key} has no entry in {mapping_file.name}")
-        refs = load_pickle(root / mapping[key])
-        if not isinstance(refs, list) or not refs or not all(isinstance(m, Chem.Mol) for m in refs):
-            raise DataFormatError(str(root / mapping[key]), None, "not a non-empty list of RDKit molecules")
-        out.append(TestMolecule(key, tuple(refs), mapping[key]))
+    for key, line_no in split_smiles(data_dir, split, max_molecules).items():
+        refs = store.get(key)
+        if refs is None:
+            raise DataFormatError(str(store.root / f"{split}.jsonl"), line_no, f"{key} has no entry in {MAPPING_NAME}")
+        out.append(TestMolecule(key, refs, store.mapping[key]))
     return out
 
 

@@ -9,8 +9,6 @@ contract, as :class:`elign.edm.prompts.NodeCountPrompts`). Every prompt gets its
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -18,30 +16,7 @@ import torch
 from elign.engine.errors import ConfigError, DataFormatError, check_int
 from molgen_grpo.evaluate import prompt_text
 from molgen_grpo.policy import Prompt
-from molgen_grpo.references import ReferenceStore
-from molgen_grpo.tokenizer import resolve_path
-
-
-def split_molecules(data_dir: str, split: str) -> list[str]:
-    """The distinct canonical SMILES of ``<data_dir>/<split>.jsonl`` in file order.
-
-    Raises:
-        DataFormatError: a missing file or a line that is not a JSON object with ``canonical_smiles``
-            (names the file and line).
-    """
-    path = Path(resolve_path(str(data_dir))) / f"{split}.jsonl"
-    if not path.is_file():
-        raise DataFormatError(str(path), None, "no such file")
-    out: dict[str, None] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                out.setdefault(str(json.loads(line)["canonical_smiles"]), None)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataFormatError(str(path), line_no, "not a JSON object with canonical_smiles") from None
-    return list(out)
+from molgen_grpo.references import ReferenceStore, split_smiles
 
 
 class ConformerPrompts:
@@ -68,7 +43,7 @@ class ConformerPrompts:
         if self.batch_size % self.group_size:
             raise ConfigError("batch_size", batch_size, multiple)
         limit = check_int("max_molecules", max_molecules, 1, allow_none=True, none_means="all")
-        self.smiles = split_molecules(data_dir, split)[:limit]
+        self.smiles = list(split_smiles(data_dir, split, limit))
         if not self.smiles:
             raise DataFormatError(f"{data_dir}/{split}.jsonl", None, "no molecules")
         store = ReferenceStore(data_dir, jsonl_splits=tuple(reference_splits))

@@ -27,6 +27,32 @@ from molgen_grpo.tokenizer import resolve_path
 _PROMPT_SMILES = re.compile(r"\[SMILES\](.*?)\[/SMILES\]", re.DOTALL)
 
 
+def split_smiles(data_dir: str, split: str, max_molecules: int | None = None) -> dict[str, int]:
+    """The distinct canonical SMILES of ``<data_dir>/<split>.jsonl`` in file order, each with the line
+    it first appears on; the first ``max_molecules`` (None = all).
+
+    Raises:
+        DataFormatError: a missing file or a line that is not a JSON object with ``canonical_smiles``
+            (names the file and line).
+    """
+    root = Path(resolve_path(str(data_dir)))
+    path = root / f"{split}.jsonl"
+    if not path.is_file():
+        raise DataFormatError(str(path), None, f"no such file: {root} is not a conformer data folder")
+    out: dict[str, int] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if max_molecules is not None and len(out) >= max_molecules:
+                break
+            if not line.strip():
+                continue
+            try:
+                out.setdefault(str(json.loads(line)["canonical_smiles"]), line_no)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataFormatError(str(path), line_no, "not a JSON object with canonical_smiles") from None
+    return out
+
+
 def prompt_smiles(prompt: str) -> str | None:
     """The SMILES between ``[SMILES]`` and ``[/SMILES]`` of a prompt, or None without such a block."""
     match = _PROMPT_SMILES.search(prompt)
@@ -34,10 +60,10 @@ def prompt_smiles(prompt: str) -> str | None:
 
 
 class ReferenceStore:
-    """Canonical SMILES -> its reference conformers (heavy atoms only, each one conformer)."""
+    """Canonical SMILES -> its reference conformers (each one conformer; heavy atoms only by default)."""
 
     def __init__(self, data_dir: str, max_references: int | None = 30, cache_size: int = 256,
-                 jsonl_splits: Sequence[str] = ()) -> None:
+                 jsonl_splits: Sequence[str] = (), heavy_atoms_only: bool = True) -> None:
         """
         Args:
             data_dir: conformer data folder (local path or ``package:`` path).
@@ -45,6 +71,8 @@ class ReferenceStore:
             cache_size: molecules whose ensembles stay in memory.
             jsonl_splits: splits (e.g. ``["train"]``) whose JSONL lines are the references of molecules
                 that have no pickle, in file order.
+            heavy_atoms_only: remove hydrogens (the rewards align heavy atoms); False keeps the
+                references as stored (evaluation draws them).
         Raises:
             DataFormatError: no mapping file, or one that is not a JSON object; a JSONL split that
                 is missing or has a bad line (names the file and line).
@@ -52,6 +80,7 @@ class ReferenceStore:
         self.root = Path(resolve_path(str(data_dir)))
         self.max_references = check_int("max_references", max_references, 1, allow_none=True, none_means="all")
         self.cache_size = check_int("reference_cache_size", cache_size, 1)
+        self.heavy_atoms_only = bool(heavy_atoms_only)
         mapping_file = self.root / MAPPING_NAME
         if not mapping_file.is_file():
             raise DataFormatError(str(mapping_file), None, f"no such file: {self.root} is not a conformer data folder")
@@ -110,7 +139,7 @@ class ReferenceStore:
                 raise DataFormatError(str(self.root), None, f"a JSONL conformer of {smiles} does not decode: {err}") from None
         else:
             return None
-        kept = tuple(Chem.RemoveHs(m) for m in refs[: self.max_references])
+        kept = tuple(Chem.RemoveHs(m) if self.heavy_atoms_only else m for m in refs[: self.max_references])
         self._cache[smiles] = kept
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)

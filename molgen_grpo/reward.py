@@ -33,7 +33,7 @@ from molgen_grpo.coverage import decode_conformer, rmsd_matrix
 from molgen_grpo.posebusters_gate import PoseBustersGate
 from molgen_grpo.references import ReferenceStore, prompt_smiles
 from molgen_grpo.reward_math import CREDITS, hard_matching, legacy_match_term, legacy_rmsd_term, quality, smooth_coverage
-from molgen_grpo.text import DecodeError, same_graph, strip_smiles
+from molgen_grpo.text import DecodeError, decode, same_graph, strip_smiles
 
 GATES = ("decode", "graph", "posebusters", "rmsd")
 _WORKER_STORE: ReferenceStore | None = None
@@ -48,19 +48,18 @@ def _conformer_block(text: str) -> str | None:
     return None if end < 0 else text[start + len("[CONFORMER]"):end].strip()
 
 
-def _decode_and_match(text: str, smiles: str) -> tuple[Chem.Mol | None, bool]:
-    """The completion's molecule (None unless gate a passes) and whether its graph is the prompt's (gate b)."""
-    block = _conformer_block(text)
+def _decode_and_match(block: str | None, smiles: str) -> tuple[Chem.Mol | None, bool]:
+    """A conformer block's molecule (None unless gate a passes) and whether its graph is the prompt's (gate b)."""
     if block is None:
         return None, False
-    mol = decode_conformer(f"[CONFORMER]{block}[/CONFORMER]")
-    if mol is None:
+    try:
+        mol = decode(block)
+    except DecodeError:
         return None, False
     try:
-        generated = strip_smiles(block)
+        return mol, same_graph(strip_smiles(block), smiles)
     except DecodeError:
         return mol, False
-    return mol, same_graph(generated, smiles)
 
 
 def _init_worker(data_dir: str, max_references: int | None, jsonl_splits: Sequence[str]) -> None:
@@ -166,7 +165,7 @@ class ConformerReward:
         if refs is None:
             return None
         with rdBase.BlockLogs():
-            decoded = [_decode_and_match(text, smiles) for text in completions]
+            decoded = [_decode_and_match(_conformer_block(text), smiles) for text in completions]
         gates = {"decode": np.array([m is not None for m, _ in decoded], dtype=bool),
                  "graph": np.array([g for _, g in decoded], dtype=bool)}
         candidates = np.flatnonzero(gates["decode"] & gates["graph"])
@@ -343,7 +342,7 @@ class LegacyConformerReward:
                     failures["no_reference"] += 1
                     continue
                 block = _conformer_block(text)
-                mol, graph = _decode_and_match(text, smiles)
+                mol, graph = _decode_and_match(block, smiles)
                 try:
                     plain = strip_smiles(block) if block is not None else ""
                 except DecodeError:

@@ -14,8 +14,8 @@ import torch  # noqa: E402
 from elign.engine.errors import ConfigError, DataFormatError  # noqa: E402
 from elign.engine.rollout import Rollout  # noqa: E402
 from molgen_grpo.evaluate import CoverageEvaluator  # noqa: E402
-from molgen_grpo.prompts import ConformerPrompts, split_molecules  # noqa: E402
-from molgen_grpo.references import ReferenceStore, prompt_smiles  # noqa: E402
+from molgen_grpo.prompts import ConformerPrompts  # noqa: E402
+from molgen_grpo.references import ReferenceStore, prompt_smiles, split_smiles  # noqa: E402
 from molgen_grpo.text import decode, encode  # noqa: E402
 from molgen_grpo.tokenizer import resolve_path  # noqa: E402
 
@@ -31,7 +31,7 @@ def test_prompts_are_seeded_draws_with_one_group_per_prompt():
     assert first == again and len(first) == 4  # the trainer reseeds: a resumed run draws the same prompts
     assert len({p.prompt_id for p in first}) == 4  # a molecule drawn twice is two groups
     assert all(prompt_smiles(p.text) in source.smiles for p in first)
-    assert source.smiles == split_molecules(DATA, "train")
+    assert source.smiles == list(split_smiles(DATA, "train"))
 
 
 def test_prompts_check_their_arguments_and_references():
