@@ -5,8 +5,9 @@ around the model (cache objects, mask building, per-module dispatch, stopping cr
 in the matrix products. This sampler draws from the same distribution with the model's own weights
 and rotary embedding, in a loop of plain tensor ops:
 
-* weights are read once per call: q/k/v and gate/up projections concatenated into one matrix each
-  (a transient copy), PEFT LoRA adapters folded in with PEFT's own ``get_delta_weight``;
+* weights are read once per call into a transient transposed copy (``[in, out]``, which small-batch
+  matrix products run faster on than ``linear``'s ``[out, in]``), q/k/v and gate/up concatenated into
+  one matrix each, PEFT LoRA adapters folded in with PEFT's own ``get_delta_weight``;
 * the KV cache is preallocated ``[B, H_kv, L_prompt + T, D]`` and written in place;
 * each token runs the transformers sampling step exactly: logits processors (the caller's, then
   temperature, top-k, top-p — ``generate``'s order), ``softmax`` and ``torch.multinomial`` on the
@@ -63,11 +64,12 @@ def warpers(temperature: float, top_k: int, top_p: float) -> list:
 
 @dataclass
 class _Layer:
+    """One decoder layer's weights as the loop uses them: projections transposed to ``[in, out]``."""
+
     norm_in: Tensor
     qkv: Tensor
     qkv_bias: Tensor | None
-    q_norm: Tensor | None
-    k_norm: Tensor | None
+    qk_norm: Tensor | None  # [H + H_kv, 1, D]: q_norm's weight per query head, k_norm's per key head
     out: Tensor
     out_bias: Tensor | None
     norm_mlp: Tensor
@@ -115,6 +117,7 @@ class KVSampler:
         layers = [_read_layer(layer) for layer in inner.layers]
         dtype = inner.embed_tokens.weight.dtype
         head_w, head_b = _effective_linear(base.lm_head)
+        head_w = head_w.t().contiguous()
         batch, prompt_len = input_ids.shape
         total = prompt_len + max_new_tokens
         heads = config.num_attention_heads
@@ -131,13 +134,16 @@ class KVSampler:
         keys = torch.zeros(len(layers), batch, kv_heads, total, head_dim, dtype=dtype, device=device)
         values = torch.zeros_like(keys)
         visible = torch.cat([mask, torch.ones(batch, max_new_tokens, dtype=torch.bool, device=device)], 1)
+        # SDPA turns a bool mask into this additive one on every call; build it once.
+        bias = torch.zeros(batch, 1, 1, total, dtype=dtype, device=device).masked_fill(~visible[:, None, None], -torch.inf)
         scale = head_dim ** -0.5
 
         def rms(x: Tensor, weight: Tensor) -> Tensor:
+            # sum().div_() is what mean() computes, without its dtype round trip.
             if x.dtype == torch.float32:
-                return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+                return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True).div_(x.shape[-1]) + eps) * weight
             y = x.float()
-            return weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+            return weight * (y * torch.rsqrt(y.pow(2).sum(-1, keepdim=True).div_(y.shape[-1]) + eps)).to(x.dtype)
 
         def rope(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
             half = x.shape[-1] // 2
@@ -150,18 +156,19 @@ class KVSampler:
             c, s = cos[:, :, start:end], sin[:, :, start:end]
             h = F.embedding(tokens, inner.embed_tokens.weight)
             for i, w in enumerate(layers):
-                qkv = F.linear(rms(h, w.norm_in), w.qkv, w.qkv_bias).view(batch, n, heads + 2 * kv_heads, head_dim)
-                q, k, v = qkv.transpose(1, 2).split([heads, kv_heads, kv_heads], 1)
-                if w.q_norm is not None:
-                    q, k = rms(q, w.q_norm), rms(k, w.k_norm)
-                keys[i, :, :, start:end] = rope(k, c, s)
+                qkv = _affine(rms(h, w.norm_in), w.qkv, w.qkv_bias).view(batch, n, heads + 2 * kv_heads, head_dim)
+                qk, v = qkv.transpose(1, 2).split([heads + kv_heads, kv_heads], 1)
+                if w.qk_norm is not None:
+                    qk = rms(qk, w.qk_norm)
+                q, k = rope(qk, c, s).split([heads, kv_heads], 1)
+                keys[i, :, :, start:end] = k
                 values[i, :, :, start:end] = v
-                o = F.scaled_dot_product_attention(rope(q, c, s), keys[i, :, :, :end], values[i, :, :, :end],
+                o = F.scaled_dot_product_attention(q, keys[i, :, :, :end], values[i, :, :, :end],
                                                    attn_mask=attn, scale=scale, enable_gqa=heads != kv_heads)
-                h = h + F.linear(o.transpose(1, 2).reshape(batch, n, heads * head_dim), w.out, w.out_bias)
-                gate, up = F.linear(rms(h, w.norm_mlp), w.gate_up).chunk(2, -1)
-                h = h + F.linear(F.silu(gate) * up, w.down)
-            return F.linear(rms(h[:, -1], inner.norm.weight), head_w, head_b).float()
+                h = h + _affine(o.transpose(1, 2).reshape(batch, n, heads * head_dim), w.out, w.out_bias)
+                gate, up = (rms(h, w.norm_mlp) @ w.gate_up).chunk(2, -1)
+                h = h + (F.silu(gate) * up) @ w.down
+            return _affine(rms(h[:, -1], inner.norm.weight), head_w, head_b).float()
 
         # Prefill: causal and padding mask; a pad query sees itself so no softmax row is empty.
         causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=device).tril()
@@ -177,19 +184,27 @@ class KVSampler:
             scores = logits
             for processor in processors:
                 scores = processor(sequence[:, :end], scores)
-            if do_sample:
-                token = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            if do_sample:  # torch.multinomial's own one-sample algorithm (same RNG draws), minus its checks
+                probs = F.softmax(scores, dim=-1)
+                token = probs.div_(torch.empty_like(probs).exponential_()).argmax(-1)
             else:
                 token = scores.argmax(-1)
-            token = torch.where(unfinished, token, torch.full_like(token, pad_id))
-            logps.append(torch.log_softmax(logits / temperature, -1).gather(1, token[:, None]).squeeze(1))
+            token.masked_fill_(~unfinished, pad_id)
+            scaled = logits if temperature == 1.0 else logits / temperature
+            logps.append(scaled.log_softmax(-1).gather(1, token[:, None]).squeeze(1))
             sequence[:, end] = token
             unfinished &= ~torch.isin(token, stops)
             if not bool(unfinished.any()) or t == max_new_tokens - 1:
                 break
-            logits = forward(token[:, None], end, visible[:, None, None, :end + 1])
+            logits = forward(token[:, None], end, bias[..., :end + 1])
         steps = len(logps)
         return sequence[:, prompt_len:prompt_len + steps], torch.stack(logps, 1)
+
+
+def _affine(x: Tensor, weight_t: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight_t (+ bias)`` with ``weight_t [in, out]``."""
+    y = x @ weight_t
+    return y if bias is None else y + bias
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -222,11 +237,14 @@ def _read_layer(layer: nn.Module) -> _Layer:
     if any(b is not None for b in biases):
         biases = tuple(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
                        for b, w in zip(biases, (wq, wk, wv)))
-    q_norm = getattr(attn, "q_norm", None)
-    k_norm = getattr(attn, "k_norm", None)
-    return _Layer(norm_in=layer.input_layernorm.weight, qkv=torch.cat([wq, wk, wv]),
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    qk_norm = None
+    if q_norm is not None:
+        heads, kv_heads = wq.shape[0] // q_norm.weight.shape[0], wk.shape[0] // k_norm.weight.shape[0]
+        qk_norm = torch.cat([q_norm.weight.expand(heads, -1), k_norm.weight.expand(kv_heads, -1)])[:, None]
+    return _Layer(norm_in=layer.input_layernorm.weight, qkv=torch.cat([wq, wk, wv]).t().contiguous(),
                   qkv_bias=None if biases[0] is None else torch.cat(biases),
-                  q_norm=None if q_norm is None else q_norm.weight, k_norm=None if k_norm is None else k_norm.weight,
-                  out=wo, out_bias=bo, norm_mlp=layer.post_attention_layernorm.weight,
-                  gate_up=torch.cat([_effective_linear(mlp.gate_proj)[0], _effective_linear(mlp.up_proj)[0]]),
-                  down=_effective_linear(mlp.down_proj)[0])
+                  qk_norm=qk_norm,
+                  out=wo.t().contiguous(), out_bias=bo, norm_mlp=layer.post_attention_layernorm.weight,
+                  gate_up=torch.cat([_effective_linear(mlp.gate_proj)[0], _effective_linear(mlp.up_proj)[0]]).t().contiguous(),
+                  down=_effective_linear(mlp.down_proj)[0].t().contiguous())
