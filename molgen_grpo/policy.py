@@ -207,7 +207,8 @@ class Qwen3Policy:
             padded), ``prompt_mask [B, Lp]``, ``completion_ids [B, T]`` (pad after the end) and
             ``completion_mask [B, T]`` (generated tokens up to and including the first stop);
             info ``completions`` (decoded text, special tokens skipped), ``prompts``, ``prompt_ids``
-            (the given ids, per sample) and ``metrics`` (TRL's ``completions/*``).
+            (the given ids, per sample), ``metrics`` (TRL's ``completions/*``) and ``counters``
+            (``num_tokens``: prompt + completion tokens, which the trainer totals as TRL's ``num_tokens``).
         """
         k = check_int("group_size", group_size, 1)
         items = as_prompts(prompts)
@@ -233,9 +234,11 @@ class Qwen3Policy:
         texts = [self.tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)
                  for ids, m in zip(payload["completion_ids"], payload["completion_mask"])]
         metrics = self._metrics(payload["completion_ids"], payload["completion_mask"])
+        tokens = float(payload["prompt_mask"].sum() + payload["completion_mask"].sum())
         return Rollout(group_ids=group_ids, logp_old=logp, step_mask=step_mask, payload=payload,
                        info={"completions": texts, "prompts": [p.text for p in items for _ in range(k)],
-                             "prompt_ids": [p.prompt_id for p in items for _ in range(k)], "metrics": metrics})
+                             "prompt_ids": [p.prompt_id for p in items for _ in range(k)], "metrics": metrics,
+                             "counters": {"num_tokens": tokens}})
 
     def log_prob(self, rollout: Rollout, steps: Tensor, with_reference: bool) -> StepLogProbs:
         """Log-probs ``[b, t]`` of the completion tokens at columns ``steps`` (``[t]`` long), with

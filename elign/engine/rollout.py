@@ -32,7 +32,8 @@ class Rollout:
         group_payload: domain tensors whose leading dimension is ``P``, one row per group, computed
             once per prompt (e.g. a structure trunk's embeddings); ``group_ids`` index their rows,
             so they must lie in ``[0, P)``.
-        info: batch-level values that are not per sample (e.g. step times, metrics to log).
+        info: batch-level values that are not per sample (e.g. step times); ``metrics`` (logged as
+            they are) and ``counters`` (increments the trainer totals over ranks and iterations).
     """
 
     group_ids: Tensor

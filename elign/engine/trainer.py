@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from elign.engine.bookkeeping import RewardBook
 from elign.engine.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
-from elign.engine.distributed import DistInfo, reduce_mean
+from elign.engine.distributed import DistInfo, all_reduce_sum, reduce_mean
 from elign.engine.ema import ParameterEMA
 from elign.engine.errors import ConfigError, check_int, check_range
 from elign.engine.metrics import MetricsWriter, NullLogger, PhaseTimer
@@ -154,6 +154,7 @@ class Trainer:
             dataloader.shard(dist.rank, dist.world_size)
 
         self.sync = GradientSync()
+        self.counters: dict[str, float] = {}
         named = trainable_parameters(policy)
         self.optimizer = optimizer(param_groups(policy))
         self.ema = ParameterEMA(named, ema_decay) if ema_decay > 0 else None
@@ -235,8 +236,17 @@ class Trainer:
             metrics.update(self.replay(rollout, advantages) if grads is None
                            else self.fused_update(rollout, advantages, grads))
         metrics.update(rollout.info.get("metrics", {}))
+        metrics.update(self._count(rollout.info.get("counters", {})))
         metrics["rollout/samples_per_s"] = rollout.batch_size / max(timer.seconds["rollout"], 1e-9)
         return metrics
+
+    def _count(self, increments: dict[str, float]) -> dict[str, float]:
+        """Running totals over ranks and iterations (e.g. TRL's ``num_tokens``) of a rollout's
+        ``info["counters"]``; they live in the checkpoint, so a resumed run continues them."""
+        keys = sorted(increments)
+        for key, value in zip(keys, all_reduce_sum([float(increments[k]) for k in keys], self.dist)):
+            self.counters[key] = self.counters.get(key, 0.0) + value
+        return {key: self.counters[key] for key in keys}
 
     def _supervised_iteration(self, timer: PhaseTimer) -> dict[str, float]:
         """One optimizer step on the domain's supervised loss (data loading is timed inside it)."""
@@ -287,6 +297,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": capture_rng(),
             "logger": {"run_id": getattr(self.logger, "run_id", None)},
+            "counters": dict(self.counters),
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
             **({"dataloader": self.prompts.state_dict()} if hasattr(self.prompts, "state_dict") else {}),
         }
@@ -309,6 +320,7 @@ class Trainer:
         if "dataloader" in state and hasattr(self.prompts, "load_state_dict"):
             self.prompts.load_state_dict(state["dataloader"])
         restore_rng(state["rng"])
+        self.counters = dict(state.get("counters", {}))
         self.checkpoints.best_value = state.get("best_value")
         run_id = state.get("logger", {}).get("run_id")
         if run_id is not None:

@@ -85,11 +85,19 @@ def global_sums(sums: dict[str, float], dist: DistInfo) -> dict[str, float]:
     return dict(zip(keys, all_reduce_sum([float(sums[k]) for k in keys], dist)))
 
 
+# Per-pair means logged under TRL's GRPOTrainer names (same quantity, so the same name).
+TRL_NAMES = {"clipped_low": "clip_ratio/low_mean", "clipped_high": "clip_ratio/high_mean"}
+
+
 def loss_means(sums: dict[str, float]) -> dict[str, float]:
-    """A strategy's per-pair sums as ``train/*`` means (``clipped`` -> ``clip_frac``, ``ratio`` -> ``ratio_mean``)."""
+    """A strategy's per-pair sums as means: ``train/<key>``, with ``clipped`` -> ``train/clip_frac``
+    (also TRL's ``clip_ratio/region_mean`` when the strategy splits it into low / high),
+    ``ratio`` -> ``train/ratio_mean`` and the low / high clip shares under TRL's names."""
     count = max(sums.pop("count", 0.0), 1.0)
-    out = {f"train/{k if k != 'clipped' else 'clip_frac'}": v / count for k, v in sums.items()}
+    out = {TRL_NAMES.get(k) or f"train/{k if k != 'clipped' else 'clip_frac'}": v / count for k, v in sums.items()}
     out["train/ratio_mean"] = out.pop("train/ratio", float("nan"))
+    if "clip_ratio/low_mean" in out and "train/clip_frac" in out:
+        out["clip_ratio/region_mean"] = out["train/clip_frac"]
     return out
 
 

@@ -34,10 +34,13 @@ def test_resumed_grpo_run_replays_the_uninterrupted_one(tmp_path):
     run(tmp_path / "resumed", "trainer.max_iterations=3", "trainer.resume=auto")
     for name in ("iteration_000000.jsonl", "iteration_000002.jsonl"):
         assert (tmp_path / "straight/samples" / name).read_text() == (tmp_path / "resumed/samples" / name).read_text()
-    keys = ("iteration", "reward/conformer", "train/loss", "completions/mean_length")
+    keys = ("iteration", "reward/conformer", "train/loss", "completions/mean_length", "num_tokens",
+            "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean")
     rows = {name: [{k: r[k] for k in keys} for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())]
             for name in ("straight", "resumed")}
     assert rows["straight"] == rows["resumed"] and [r["iteration"] for r in rows["straight"]] == [0, 1, 2]
+    tokens = [r["num_tokens"] for r in rows["straight"]]  # TRL's running total, continued across the resume
+    assert tokens[0] > 0 and tokens[1] > tokens[0] and tokens[2] > tokens[1]
     a = torch.load(tmp_path / "straight/checkpoint_latest.pth", weights_only=False)["model"]
     b = torch.load(tmp_path / "resumed/checkpoint_latest.pth", weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

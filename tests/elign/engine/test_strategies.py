@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from elign.engine.errors import ConfigError
 from elign.engine.rollout import Rollout, StepLogProbs
 from elign.engine.strategies import FedGRPOStrategy, GRPOStrategy
+from elign.engine.updates import loss_means
 from elign.engine.strategies.base import BatchCounts, LossInputs, RLStrategy, ScoredRewards
 
 CONF = Path(__file__).resolve().parents[3] / "conf" / "strategy"
@@ -89,6 +90,10 @@ def test_grpo_loss_hand_computed_with_k3_and_clip_counts():
     assert float(sums["ratio"]) == pytest.approx(0.7 + 1.3 + 2.0, rel=1e-6)
     assert float(sums["kl"]) == pytest.approx(kl00, rel=1e-6)
     assert all(not v.requires_grad for v in sums.values())
+    means = loss_means({k: float(v) for k, v in sums.items()})  # logged under TRL's names
+    assert means["clip_ratio/low_mean"] == means["clip_ratio/high_mean"] == pytest.approx(1 / 3)
+    assert means["clip_ratio/region_mean"] == means["train/clip_frac"] == pytest.approx(2 / 3)
+    assert means["train/ratio_mean"] == pytest.approx(4.0 / 3) and "train/clipped_low" not in means
 
 
 def test_grpo_sequence_level_needs_whole_sequences_and_reference_when_beta():

@@ -79,6 +79,24 @@ def test_resume_is_bitwise_equal_to_uninterrupted_run(tmp_path):
     assert [json.loads(x)["iteration"] for x in lines] == list(range(7)), "each iteration logged once"
 
 
+class CountingPolicy(CategoricalPolicy):
+    """Reports each rollout's token count as a counter, as the LM policy reports TRL's num_tokens."""
+
+    def rollout(self, prompts, group_size):
+        rollout = super().rollout(prompts, group_size)
+        rollout.info["counters"] = {"num_tokens": float(rollout.step_mask.sum())}
+        return rollout
+
+
+def test_counters_are_running_totals_that_survive_resume(tmp_path):
+    first = make_trainer(tmp_path, max_iterations=3, policy_cls=CountingPolicy)
+    first.fit()
+    make_trainer(tmp_path, max_iterations=5, policy_cls=CountingPolicy, resume="auto").fit()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    per_rollout = 32 * 6  # ToyPrompts(32, 8): 32 samples of 6 steps
+    assert [x["num_tokens"] for x in lines] == [per_rollout * (i + 1) for i in range(5)]
+
+
 def test_checkpoint_loads_with_weights_only(tmp_path):
     make_trainer(tmp_path, max_iterations=2).fit()
     state = load_checkpoint(tmp_path / LATEST)
