@@ -7,7 +7,8 @@
 --train runs ``experiment=molgen/grpo_conformer seed=<t>`` into ``<runs-dir>/seed<t>`` (extra Hydra
 overrides after ``--``; a finished run is reused, an interrupted one resumed). Every model is scored
 on the held-out molecules of the test and valid splits (152 in the shipped data; none is prompted in
-training) with the protocol of spec §1.7: 2 x M unconstrained completions per molecule, symmetry-aware
+training) with the protocol of spec §1.7: 2 x M unconstrained completions per molecule (--constrained: every
+model with constrained decoding; a run's own decoding mode is never used), symmetry-aware
 RMSD, COV-R / MAT-R. The post-trained model is the run's *last* checkpoint (the recipe's best
 checkpoint was chosen on the first valid molecules, so it would not be held out). A pair (training
 seed, sampling seed) compares it with the shipped model sampled with the same seed.
@@ -49,7 +50,8 @@ def train(seed: int, runs_dir: Path, overrides: list[str]) -> Path:
 def score(label: str, model: dict[str, Any], seed: int, args: argparse.Namespace) -> dict[str, float]:
     """Headline scores of one model and sampling seed on test + valid (cached)."""
     sized = "" if args.max_molecules is None else f"_m{args.max_molecules}"
-    cache = Path(args.out_dir) / "evals" / f"{label}_s{seed}_k{args.samples_per_reference}{sized}.json"
+    mode = "_constrained" if args.constrained else ""
+    cache = Path(args.out_dir) / "evals" / f"{label}_s{seed}_k{args.samples_per_reference}{sized}{mode}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     import torch
@@ -59,7 +61,7 @@ def score(label: str, model: dict[str, Any], seed: int, args: argparse.Namespace
 
     torch.set_num_threads(args.threads)
     policy, _ = build_policy(argparse.Namespace(**model, temperature=None, top_p=None, top_k=None,
-                                                max_new_tokens=None, constrained=None))
+                                                max_new_tokens=None, constrained=args.constrained))
     molecules = [m for split in ("test", "valid") for m in load_test_molecules(DATA, split, args.max_molecules)]
     completions = sample_completions(policy, molecules, args.samples_per_reference, seed)
     summary = summarize(score_molecule(m, c) for m, c in zip(molecules, completions))
@@ -96,6 +98,9 @@ def main() -> None:
     p.add_argument("--runs-dir", default="outputs/molgen/evidence")
     p.add_argument("--out-dir", default="outputs/molgen/evidence")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--constrained", action="store_true",
+                   help="score every model with constrained decoding (default: unconstrained, the protocol); "
+                        "a run's own decoding mode is never used, so both sides sample the same way")
     args = p.parse_args(argv)
     if args.train:
         runs = [train(s, Path(args.runs_dir), extra) for s in args.train_seeds]

@@ -13,7 +13,8 @@ the model's LM head gets a bias of -1e4 on the stop tokens, so neither side can 
 count the same tokens.
 
 Each side runs in its own process (``--threads`` torch threads) so its peak RSS is its own; the
-first ``--warmup`` steps are not timed. Printed per side: seconds per step split into generate /
+first ``--warmup`` steps are not timed; ``--repeats`` alternates the sides and shows each side's median
+run (a machine whose load changes then slows both alike). Printed per side: seconds per step split into generate /
 reward / update (TRL: the step total, and its own generation time where it logs one), completion
 tokens/s and peak RSS; then the speed-up. ``--out`` writes the JSON.
 """
@@ -179,6 +180,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per side")
     parser.add_argument("--side", choices=("both", "ours", "trl"), default="both")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating; the median run is shown")
     parser.add_argument("--work-dir", default="outputs/bench/molgen_grpo_speed", help="run directories")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -188,18 +190,23 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    results = []
-    for side in (("ours", "trl") if args.side == "both" else (args.side,)):
-        cmd = [sys.executable, __file__, "--child", "--side", side] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k in ("hidden", "layers", "completion_len", "batch", "group", "steps", "warmup", "threads", "work_dir")]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if out.returncode != 0 or line is None:
-            sys.exit(f"{side} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-        results.append(json.loads(line[len("RESULT "):]))
+    sides = ("ours", "trl") if args.side == "both" else (args.side,)
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
+    for _ in range(args.repeats):  # sides alternate, so a load change on the machine hits both
+        for side in sides:
+            cmd = [sys.executable, __file__, "--child", "--side", side] + [
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                if k in ("hidden", "layers", "completion_len", "batch", "group", "steps", "warmup", "threads", "work_dir")]
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if out.returncode != 0 or line is None:
+                sys.exit(f"{side} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+            runs[side].append(json.loads(line[len("RESULT "):]))
+    # the run with the median tokens/s of each side
+    results = [sorted(r, key=lambda x: x["tokens_per_s"])[len(r) // 2] for r in runs.values()]
     print(f"Qwen3 hidden {args.hidden} x {args.layers} layers, {args.batch} completions of {args.completion_len} "
-          f"tokens per step, G = {args.group}, {args.threads} threads, {args.steps} timed steps")
+          f"tokens per step, G = {args.group}, {args.threads} threads, {args.steps} timed steps, "
+          f"median of {args.repeats} alternating run(s) per side")
     print(f"{'side':<6} {'s/step':>8} {'generate':>9} {'reward':>8} {'update':>8} {'tokens/s':>10} {'peak RSS MiB':>13}")
     for r in results:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
@@ -209,7 +216,7 @@ def main() -> None:
         print(f"speed-up (completion tokens/s, ours / TRL): {results[0]['tokens_per_s'] / results[1]['tokens_per_s']:.2f}x")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        Path(args.out).write_text(json.dumps({"median": results, "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":

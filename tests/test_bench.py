@@ -113,18 +113,21 @@ def test_evidence_bench_trains_from_its_base_and_overrides_come_last(tmp_path, m
                        "trainer.resume=auto", "model.checkpoint=/w/base.pth", "strategy.kl_coef=0.04"]
 
 
-def test_molgen_speed_bench_runs_both_sides_on_full_length_completions():
+def test_molgen_speed_bench_runs_both_sides_on_full_length_completions(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "bench/molgen_grpo_speed.py"), "--hidden", "32", "--layers", "1",
                           "--completion-len", "8", "--batch", "4", "--group", "2", "--steps", "1", "--threads", "1",
-                          "--work-dir", "/tmp/molgen_speed_test", "--out", "/tmp/molgen_speed_test/out.json"],
+                          "--repeats", "2", "--work-dir", str(tmp_path), "--out", str(tmp_path / "out.json")],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "speed-up (completion tokens/s, ours / TRL)" in out.stdout
-    results = json.loads(Path("/tmp/molgen_speed_test/out.json").read_text())
+    report = json.loads((tmp_path / "out.json").read_text())
+    results = report["median"]
     assert [r["side"] for r in results] == ["ours", "trl"]
+    assert [len(report["runs"][side]) for side in ("ours", "trl")] == [2, 2]
     for r in results:  # the stop tokens are biased away: both sides generate exactly batch x length tokens
         assert r["completion_tokens_per_step"] == 4 * 8, r
         assert r["tokens_per_s"] > 0 and r["peak_rss_mib"] > 0
+        assert r in report["runs"][r["side"]]
     ours = results[0]
     assert ours["generate_s"] + ours["reward_s"] + ours["update_s"] == pytest.approx(ours["s_per_step"])
 
