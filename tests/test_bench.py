@@ -151,3 +151,9 @@ def test_molgen_evidence_bench_scores_shipped_and_post_trained_on_held_out_molec
     assert pair["base"]["molecules"] == 4 and pair["post"]["molecules"] == 4  # 2 test + 2 valid
     assert pair["delta"]["mat_r"] == pytest.approx(100 * (pair["post"]["mat_r"] / pair["base"]["mat_r"] - 1), nan_ok=True)
     assert "targets" in out.stdout and len(list((tmp_path / "ev/evals").glob("*.json"))) == 2
+    # --constrained decodes both models under the prompt's topology, whatever the run's own mode
+    constrained = subprocess.run([*out.args, "--constrained"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert constrained.returncode in (0, 1), constrained.stderr[-3000:]
+    pair = json.loads((tmp_path / "ev/evidence.json").read_text())["pairs"][0]
+    assert pair["base"]["parse_rate"] == pair["post"]["parse_rate"] == 1.0
+    assert len(list((tmp_path / "ev/evals").glob("*_constrained.json"))) == 2
