@@ -97,13 +97,19 @@ def main() -> None:
     p.add_argument("--sample-seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--samples-per-reference", type=int, default=2, help="completions per reference (the protocol's 2)")
     p.add_argument("--max-molecules", type=int, default=None, help="the first N molecules of each split (smoke tests)")
-    p.add_argument("--runs-dir", default="outputs/molgen/evidence")
-    p.add_argument("--out-dir", default="outputs/molgen/evidence")
+    p.add_argument("--runs-dir", default=None,
+                   help="--train writes <runs-dir>/seed<t> (default: outputs/molgen/evidence, or "
+                        "outputs/molgen/evidence/<recipe> for another --experiment, so recipes never share a run)")
+    p.add_argument("--out-dir", default=None, help="tables, JSON and the score cache (default: the runs directory)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--constrained", action="store_true",
                    help="score every model with constrained decoding (default: unconstrained, the protocol); "
                         "a run's own decoding mode is never used, so both sides sample the same way")
     args = p.parse_args(argv)
+    if args.runs_dir is None:
+        recipe = args.experiment.split("/")[-1]
+        args.runs_dir = "outputs/molgen/evidence" + ("" if recipe == "grpo_conformer" else f"/{recipe}")
+    args.out_dir = args.out_dir or args.runs_dir
     if args.train:
         runs = [train(s, Path(args.runs_dir), extra, args.experiment) for s in args.train_seeds]
     else:
