@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from elign.engine.advantages import MULTI_REWARD, SCALE_REWARDS, grpo_advantages
+from elign.engine.bookkeeping import zero_spread_fraction
 from elign.engine.errors import ConfigError
 from elign.engine.losses import (
     IMPORTANCE_LEVELS,
@@ -150,7 +151,8 @@ class GRPOStrategy:
 
     def advantages(self, rewards: ScoredRewards, rollout: Rollout) -> tuple[Tensor, dict[str, float]]:
         """``[B, T]``: each sample's terminal advantage over all its steps (0 where ``keep`` is
-        False), and ``train/adv_abs_mean`` / ``train/adv_zero_frac`` over the trained pairs.
+        False), and ``train/adv_abs_mean`` / ``train/adv_zero_frac`` over the trained pairs, plus
+        TRL's ``frac_reward_zero_std`` under TRL's name (the engine's ``rollout/frac_reward_zero_std``).
 
         The statistics are over the ``B`` samples given: with ``scale_rewards=batch`` (and GDPO's
         batch z-score) the batch is this rank's unless the caller gathered the rewards."""
@@ -163,7 +165,10 @@ class GRPOStrategy:
                               rollout.group_ids.to(device), keep, self.multi_reward, self.scale_rewards,
                               self.std_eps)
         adv = adv.to(rollout.logp_old.dtype).unsqueeze(1).repeat(1, rollout.num_steps)
-        return adv, advantage_metrics(adv, rollout.step_mask & keep.unsqueeze(1))
+        metrics = advantage_metrics(adv, rollout.step_mask & keep.unsqueeze(1))
+        total = matrix @ torch.tensor([weights[n] for n in names], dtype=torch.float64, device=device)
+        metrics["frac_reward_zero_std"] = zero_spread_fraction(total, rollout.group_ids.to(device), keep)
+        return adv, metrics
 
     def loss(self, batch: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         """``-min(rho' A, clip(rho) A) + beta KL`` per trained pair, aggregated by ``loss_type``.

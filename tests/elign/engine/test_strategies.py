@@ -140,6 +140,7 @@ def test_grpo_advantages_are_terminal_weighted_and_keep_aware():
     assert adv.dtype == torch.float32
     assert metrics["train/adv_abs_mean"] == pytest.approx(2 * c / 3, rel=1e-6)
     assert metrics["train/adv_zero_frac"] == pytest.approx(1 / 3)
+    assert metrics["frac_reward_zero_std"] == 0.5  # TRL's name: group 1 has one kept member, so no spread
 
 
 # --- FED-GRPO ----------------------------------------------------------------------------------
