@@ -219,7 +219,8 @@ class Qwen3Policy:
         was_training = self.module.training
         self.module.eval()
         try:
-            parts = [self._generate(items[i:i + per_call], k) for i in range(0, len(items), per_call)]
+            sampler = KVSampler(self.module) if self.sampler == "kv" else None  # one weight snapshot per rollout
+            parts = [self._generate(items[i:i + per_call], k, sampler) for i in range(0, len(items), per_call)]
         finally:
             self.module.train(was_training)
         width = max(p["prompt_ids"].shape[1] for p in parts)
@@ -320,8 +321,9 @@ class Qwen3Policy:
         return GenerationConfig(do_sample=self.do_sample, max_new_tokens=self.max_new_tokens, num_beams=1,
                                 eos_token_id=list(self.stop_ids), pad_token_id=self.pad_id, use_cache=True, **sampling)
 
-    def _generate(self, items: list[Prompt], k: int) -> dict[str, Tensor]:
-        """Generate ``k`` completions for each of ``items``; tensors padded to ``T`` columns."""
+    def _generate(self, items: list[Prompt], k: int, sampler: KVSampler | None) -> dict[str, Tensor]:
+        """Generate ``k`` completions for each of ``items`` (with ``sampler``, else transformers'
+        ``generate``); tensors padded to ``T`` columns."""
         texts = [p.text for p in items for _ in range(k)]
         enc = self.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt").to(self.device)
         processors: list[LogitsProcessor] = []
@@ -334,10 +336,10 @@ class Qwen3Policy:
             constraint = ConformerLogitsProcessor([templates[t] for t in texts], self.alphabet, self.precision,
                                                   self.max_integer_digits, self.pad_id)
             processors.append(constraint)
-        if self.sampler == "kv":
+        if sampler is not None:
             if self.do_sample:
                 processors += warpers(self.temperature, self.top_k, self.top_p)
-            completion, logp = KVSampler(self.module).generate(
+            completion, logp = sampler.generate(
                 enc["input_ids"], enc["attention_mask"], self.max_new_tokens, processors, self.do_sample,
                 self.stop_ids, self.pad_id, self.temperature)
         else:

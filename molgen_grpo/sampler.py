@@ -5,7 +5,7 @@ around the model (cache objects, mask building, per-module dispatch, stopping cr
 in the matrix products. This sampler draws from the same distribution with the model's own weights
 and rotary embedding, in a loop of plain tensor ops:
 
-* weights are read once per call into a transient transposed copy (``[in, out]``, which small-batch
+* weights are read once per sampler (one per rollout) into a transient transposed copy (``[in, out]``, which small-batch
   matrix products run faster on than ``linear``'s ``[out, in]``), q/k/v and gate/up concatenated into
   one matrix each, PEFT LoRA adapters folded in with PEFT's own ``get_delta_weight``;
 * the KV cache is preallocated ``[B, H_kv, L_prompt + T, D]`` and written in place;
@@ -82,8 +82,8 @@ class KVSampler:
 
     Args:
         model: a ``Qwen3ForCausalLM`` / ``Qwen2ForCausalLM`` / ``LlamaForCausalLM``, or a PEFT model
-            around one. The weights are read at each :meth:`generate` call, so training between
-            calls is seen.
+            around one. Its weights are read once, here (a snapshot: build a sampler per rollout,
+            so training between rollouts is seen and the chunks of one rollout share the copy).
     Raises:
         ValueError: the model's layout is not supported (:func:`unsupported_reason`).
     """
@@ -92,7 +92,11 @@ class KVSampler:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"KVSampler cannot run this model: {reason}")
-        self.model = model
+        self.base = _base_model(model)
+        with torch.no_grad():
+            self.layers = [_read_layer(layer) for layer in self.base.model.layers]
+            head_w, self.head_b = _effective_linear(self.base.lm_head)
+            self.head_w = head_w.t().contiguous()
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
@@ -112,12 +116,9 @@ class KVSampler:
             and ``logp [B, T']``: ``log_softmax(raw_logits / temperature)`` of each token, taken
             before any processor, as :class:`molgen_grpo.policy.Qwen3Policy` defines log-probs.
         """
-        base = _base_model(self.model)
-        inner, config = base.model, base.config
-        layers = [_read_layer(layer) for layer in inner.layers]
+        inner, config, layers = self.base.model, self.base.config, self.layers
+        head_w, head_b = self.head_w, self.head_b
         dtype = inner.embed_tokens.weight.dtype
-        head_w, head_b = _effective_linear(base.lm_head)
-        head_w = head_w.t().contiguous()
         batch, prompt_len = input_ids.shape
         total = prompt_len + max_new_tokens
         heads = config.num_attention_heads
