@@ -136,7 +136,8 @@ class KVSampler:
         values = torch.zeros_like(keys)
         visible = torch.cat([mask, torch.ones(batch, max_new_tokens, dtype=torch.bool, device=device)], 1)
         # SDPA turns a bool mask into this additive one on every call; build it once.
-        bias = torch.zeros(batch, 1, 1, total, dtype=dtype, device=device).masked_fill(~visible[:, None, None], -torch.inf)
+        bias = torch.zeros(batch, 1, 1, total, dtype=dtype, device=device)
+        bias.masked_fill_(~visible[:, None, None], -torch.inf)
         scale = head_dim ** -0.5
 
         def rms(x: Tensor, weight: Tensor) -> Tensor:
@@ -247,5 +248,6 @@ def _read_layer(layer: nn.Module) -> _Layer:
                   qkv_bias=None if biases[0] is None else torch.cat(biases),
                   qk_norm=qk_norm,
                   out=wo.t().contiguous(), out_bias=bo, norm_mlp=layer.post_attention_layernorm.weight,
-                  gate_up=torch.cat([_effective_linear(mlp.gate_proj)[0], _effective_linear(mlp.up_proj)[0]]).t().contiguous(),
+                  gate_up=torch.cat([_effective_linear(mlp.gate_proj)[0],
+                                     _effective_linear(mlp.up_proj)[0]]).t().contiguous(),
                   down=_effective_linear(mlp.down_proj)[0].t().contiguous())
