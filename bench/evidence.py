@@ -5,7 +5,7 @@
     python bench/evidence.py --post outputs/evidence/seed1 --post outputs/evidence/seed2   # runs trained elsewhere
     python bench/evidence.py --post RUN --train-seeds 0 --sample-seeds 0 --num 512          # one pair
 
---train post-trains one run per training seed (``experiment=edm/elign_evidence seed=<t>`` into
+--train post-trains one run per training seed (``experiment=edm/elign seed=<t>`` into
 ``<runs-dir>/seed<t>``, resumed if it was interrupted, skipped if it finished). Each post-trained model
 (its ``checkpoint_best.pth``, chosen on the recipe's held-out sample, else ``checkpoint_latest.pth``)
 and the base are sampled with every sampling seed, ``--num`` molecules each. A pair (training seed,
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,7 +43,6 @@ from elign.edm.evaluate import sample_molecules, score_samples, summarize_scores
 from elign.forcefield.base import MAX_FORCE_EV_PER_ANGSTROM, MIN_DISTANCE_ANGSTROM  # noqa: E402
 from elign.edm.evidence import Pair, paired_changes, pairs_table, values_table, verdict, verdict_table  # noqa: E402
 
-BASE = "package:elign/edm/weights/edm_base.pth"
 CURVES = (("eval/force_rms_median_ev_per_angstrom", "force RMS, median (eV/Å)"),
           ("eval/force_rms_ev_per_angstrom", "force RMS, mean (eV/Å)"),
           ("eval/molecule_stability", "molecule stability"), ("eval/atom_stability", "atom stability"),
@@ -51,13 +51,14 @@ CURVES = (("eval/force_rms_median_ev_per_angstrom", "force RMS, median (eV/Å)")
 
 def parse() -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default=BASE, help="base checkpoint; --train starts from it (default: the shipped base model)")
+    p.add_argument("--base", default=None,
+                   help="base checkpoint; --train starts from it (default: the --experiment recipe's model.checkpoint)")
     p.add_argument("--post", action="append", default=[],
                    help="post-trained checkpoint or run directory, one per training seed (repeat the flag)")
     p.add_argument("--train", action="store_true", help="post-train one run per --train-seeds first")
     p.add_argument("--train-seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds (labels with --post)")
     p.add_argument("--sample-seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds (each model, each seed)")
-    p.add_argument("--experiment", default="edm/elign_evidence", help="recipe for --train")
+    p.add_argument("--experiment", default="edm/elign", help="recipe for --train")
     p.add_argument("--runs-dir", default="outputs/evidence", help="--train writes <runs-dir>/seed<t>")
     p.add_argument("--model-config", default=str(ROOT / "conf/model/edm/base.yaml"), help="architecture YAML")
     p.add_argument("--num", type=int, default=256, help="molecules per model and sampling seed")
@@ -77,7 +78,18 @@ def parse() -> tuple[argparse.Namespace, list[str]]:
         p.error(f"give --train, or one --post per training seed ({len(a.train_seeds)} seeds: {a.train_seeds})")
     if len(set(a.train_seeds)) != len(a.train_seeds) or len(set(a.sample_seeds)) != len(a.sample_seeds):
         p.error("--train-seeds and --sample-seeds must not repeat a seed")
+    if a.base is None:
+        a.base = recipe_checkpoint(a.experiment)
     return a, [o for o in overrides if o != "--"]
+
+
+def recipe_checkpoint(experiment: str) -> str:
+    """The base model a recipe post-trains (its composed ``model.checkpoint``), so bench and recipe never disagree."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        checkpoint = compose("config", overrides=[f"experiment={experiment}"]).model.checkpoint
+    if not checkpoint:
+        raise SystemExit(f"experiment={experiment} sets no model.checkpoint: give --base")
+    return str(checkpoint)
 
 
 def train(a: argparse.Namespace, seed: int, overrides: list[str]) -> str:

@@ -1,6 +1,7 @@
 """Seconds per FED-GRPO iteration (rollout / reward / update) and sampling molecules/s.
 
-    python bench/fed_grpo.py                                   # default config (model=edm/base)
+    python bench/fed_grpo.py                                   # the 2-minute job's config (experiment=edm/fed_grpo)
+    python bench/fed_grpo.py --experiment edm/elign            # the default job's (64 molecules, KL)
     python bench/fed_grpo.py --layers 9 --hidden 256 --prompts 4 --group-size 24 --steps 1000 \
         --skip-prefix 600 --iterations 1                       # paper layout
     python bench/fed_grpo.py --layers 9 --hidden 256 --prompts 1 --group-size 24 --steps 50 \
@@ -62,13 +63,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--sample-only", action="store_true", help="time sampling only")
     p.add_argument("--progress", action="store_true", help="show the trainer's progress bar")
+    p.add_argument("--experiment", default="edm/fed_grpo", help="recipe the overrides apply to (the figures in "
+                   "docs/benchmarks.md are of edm/fed_grpo)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. strategy.kl_coef=0")
     return p.parse_args()
 
 
 def overrides(a: argparse.Namespace) -> list[str]:
     # Random weights: speed does not depend on them, and a size override could not load the shipped ones.
-    out = ["trainer.progress=false", "trainer.save_interval=1000000", "trainer.best_metric=null",
+    out = [f"experiment={a.experiment}", "trainer.progress=false", "trainer.save_interval=1000000", "trainer.best_metric=null",
            "model.checkpoint=null"]
     pairs = {"model.dynamics.num_layers": a.layers, "model.dynamics.hidden_nf": a.hidden,
              "model.num_steps": a.steps, "model.skip_prefix": a.skip_prefix, "dataloader.group_size": a.group_size,

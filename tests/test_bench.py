@@ -109,8 +109,12 @@ def test_evidence_bench_trains_from_its_base_and_overrides_come_last(tmp_path, m
     a, overrides = bench.parse()
     assert bench.train(a, 5, overrides) == str(tmp_path / "seed5")
     (cmd,) = calls
-    assert cmd[2:] == ["experiment=edm/elign_evidence", "seed=5", f"hydra.run.dir={tmp_path / 'seed5'}",
+    assert cmd[2:] == ["experiment=edm/elign", "seed=5", f"hydra.run.dir={tmp_path / 'seed5'}",
                        "trainer.resume=auto", "model.checkpoint=/w/base.pth", "strategy.kl_coef=0.04"]
+    # Without --base the bench compares against the base model the recipe itself starts from.
+    for experiment, weights in (("edm/elign", "edm_base_10k.pth"), ("edm/fed_grpo", "edm_base.pth")):
+        monkeypatch.setattr(sys, "argv", ["evidence.py", "--train", "--experiment", experiment])
+        assert bench.parse()[0].base == f"package:elign/edm/weights/{weights}"
 
 
 def test_molgen_speed_bench_runs_both_sides_on_full_length_completions(tmp_path):

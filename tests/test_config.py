@@ -172,25 +172,30 @@ def test_every_experiment_sets_its_domain_groups_and_stays_in_its_domain(experim
 
 def test_command_line_choices_beat_the_experiments():
     default = compose_with(hydra=True)
-    assert default.hydra.runtime.choices.model == "edm/base"
+    assert default.hydra.runtime.choices.model == "edm/base_10k"
     cfg = compose_with("reward=dummy", "model=edm/small", hydra=True)
     assert cfg.hydra.runtime.choices.reward == "dummy" and cfg.hydra.runtime.choices.model == "edm/small"
     assert cfg.reward._target_ == "elign.engine.rollout.ConstantReward"
     assert cfg.model.dynamics.hidden_nf == OmegaConf.load(CONF / "model/edm/small.yaml").dynamics.hidden_nf
     assert cfg.filter._target_ == default.filter._target_  # the experiment's other choices stay
     # Also through an experiment that inherits the default one, and for its own override (evaluator).
-    cfg = compose_with("experiment=edm/elign_evidence", "model=edm/small", hydra=True)
+    cfg = compose_with("experiment=edm/elign", "model=edm/small", hydra=True)
     assert cfg.hydra.runtime.choices.model == "edm/small" and cfg.hydra.runtime.choices.evaluator == "edm/sample"
-    assert cfg.trainer.max_iterations == OmegaConf.load(CONF / "experiment/edm/elign_evidence.yaml").trainer.max_iterations
+    assert cfg.trainer.max_iterations == OmegaConf.load(CONF / "experiment/edm/elign.yaml").trainer.max_iterations
 
 
-def test_the_default_job_is_the_edm_recipe():
+def test_the_default_job_is_the_elign_recipe_over_the_short_one():
     cfg = compose_with()
-    recipe = OmegaConf.load(CONF / "experiment/edm/fed_grpo.yaml")
-    assert cfg.name == recipe.name and cfg.host_allocator == recipe.host_allocator == "retain"
-    for key in ("trainer.max_iterations", "trainer.step_chunk_size", "trainer.optimizer.lr",
-                "trainer.lr_schedule.warmup_steps", "strategy.channel_weights", "strategy.clip_range"):
+    recipe = OmegaConf.load(CONF / "experiment/edm/elign.yaml")
+    short = OmegaConf.load(CONF / "experiment/edm/fed_grpo.yaml")
+    assert cfg.name == recipe.name == "elign" and cfg.host_allocator == short.host_allocator == "retain"
+    for key in ("trainer.max_iterations", "trainer.optimizer.lr", "dataloader.batch_size", "strategy.kl_coef"):
         assert OmegaConf.select(cfg, key) == OmegaConf.select(recipe, key), key
+    assert cfg.model.checkpoint == OmegaConf.load(CONF / "model/edm/base_10k.yaml").checkpoint
+    # What the ELIGN recipe does not set comes from the short recipe it builds on.
+    for key in ("trainer.step_chunk_size", "trainer.lr_schedule.warmup_steps", "strategy.channel_weights",
+                "strategy.clip_range"):
+        assert OmegaConf.select(recipe, key) is None and OmegaConf.select(cfg, key) == OmegaConf.select(short, key), key
 
 
 def test_shared_groups_are_neutral_without_an_experiment():

@@ -63,7 +63,9 @@ def test_cli_bad_value_exits_with_key_message(tmp_path, override, key):
     assert key in out.stderr
 
 
-SMALL = ["trainer.max_iterations=2", "model.num_steps=10", "model.skip_prefix=5", "trainer.progress=false"]
+# The short recipe: these tests exercise the CLI, not the default ELIGN recipe.
+SMALL = ["experiment=edm/fed_grpo", "trainer.max_iterations=2", "model.num_steps=10", "model.skip_prefix=5",
+         "trainer.progress=false"]
 
 
 def test_cli_job_writes_run_files(tmp_path):
@@ -185,7 +187,8 @@ def test_submitit_local_launcher_runs_a_job_the_way_slurm_would(tmp_path):
     xTB worker pool (spawn processes) must start inside it."""
     out = _run([sys.executable, str(ROOT / "run.py"), "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
                 "model=edm/small", "model.dynamics.num_layers=1", "model.dynamics.hidden_nf=8", "model.checkpoint=null",
-                "dataloader.batch_size=4", "dataloader.group_size=2", f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMALL[1:],
+                "dataloader.batch_size=4", "dataloader.group_size=2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                *SMALL[:1], *SMALL[2:],
                 "trainer.max_iterations=1"], cwd=tmp_path, env_extra={"PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert list((tmp_path / "sweep" / ".submitit").iterdir()), "submitit ran the job"

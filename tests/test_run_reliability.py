@@ -15,8 +15,8 @@ from elign.engine.checkpoint import LATEST, RESUME_KEYS, atomic_save
 from elign.engine.rundir import RunDirectory
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["reward=dummy", "trainer.max_iterations=2", "model.num_steps=10", "model.skip_prefix=5",
-         "trainer.progress=false"]
+SMALL = ["experiment=edm/fed_grpo", "reward=dummy", "trainer.max_iterations=2", "model.num_steps=10",  # the short recipe
+         "model.skip_prefix=5", "trainer.progress=false"]
 #: What Hydra itself writes into a run directory before run.py's code runs.
 HYDRA_FILES = {".hydra", "run.log"}
 
@@ -211,7 +211,7 @@ def test_every_numeric_key_rejects_nan_and_inf_naming_itself(override, subtree):
 
 
 @pytest.mark.parametrize("override", ["reward=edm/xtb", "reward=edm/mmff", "reward=edm/uma", "evaluator=edm/sample",
-                                      "experiment=edm/elign_pbrs_xtb", "experiment=edm/elign_evidence"])
+                                      "experiment=edm/elign_pbrs_xtb", "experiment=edm/elign"])
 def test_every_force_field_node_states_the_physical_limits(override):
     """The limits have defaults in the signatures; the configs must still say what they are."""
     cfg = _compose(override)
