@@ -71,8 +71,8 @@ def parse() -> argparse.Namespace:
 
 def overrides(a: argparse.Namespace) -> list[str]:
     # Random weights: speed does not depend on them, and a size override could not load the shipped ones.
-    out = [f"experiment={a.experiment}", "trainer.progress=false", "trainer.save_interval=1000000", "trainer.best_metric=null",
-           "model.checkpoint=null"]
+    out = [f"experiment={a.experiment}", "trainer.progress=false", "trainer.save_interval=1000000",
+           "trainer.best_metric=null", "model.checkpoint=null"]
     pairs = {"model.dynamics.num_layers": a.layers, "model.dynamics.hidden_nf": a.hidden,
              "model.num_steps": a.steps, "model.skip_prefix": a.skip_prefix, "dataloader.group_size": a.group_size,
              "trainer.micro_batch_size": a.micro_batch, "trainer.step_chunk_size": a.step_chunk}

@@ -15,7 +15,8 @@ from elign.engine.checkpoint import LATEST, RESUME_KEYS, atomic_save
 from elign.engine.rundir import RunDirectory
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["experiment=edm/fed_grpo", "reward=dummy", "trainer.max_iterations=2", "model.num_steps=10",  # the short recipe
+# The 2-minute recipe, shortened: these tests exercise run.py, not the default ELIGN recipe.
+SMALL = ["experiment=edm/fed_grpo", "reward=dummy", "trainer.max_iterations=2", "model.num_steps=10",
          "model.skip_prefix=5", "trainer.progress=false"]
 #: What Hydra itself writes into a run directory before run.py's code runs.
 HYDRA_FILES = {".hydra", "run.log"}
