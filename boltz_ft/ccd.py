@@ -60,4 +60,4 @@ class CCDMolecules(dict):
                 self[code] = ccd_molecule(code)
             except KeyError:
                 return default
-        return super().get(code, default)
+        return self[code]

@@ -161,13 +161,12 @@ class GRPOStrategy:
         weights = self.reward_weights(names)
         matrix = torch.stack([rewards.channels[n].to(device, torch.float64) for n in names], dim=1)
         keep = rewards.keep.to(device).bool()
-        adv = grpo_advantages(matrix, torch.tensor([weights[n] for n in names], dtype=torch.float64),
-                              rollout.group_ids.to(device), keep, self.multi_reward, self.scale_rewards,
-                              self.std_eps)
+        w = torch.tensor([weights[n] for n in names], dtype=torch.float64, device=device)
+        group_ids = rollout.group_ids.to(device)
+        adv = grpo_advantages(matrix, w, group_ids, keep, self.multi_reward, self.scale_rewards, self.std_eps)
         adv = adv.to(rollout.logp_old.dtype).unsqueeze(1).repeat(1, rollout.num_steps)
         metrics = advantage_metrics(adv, rollout.step_mask & keep.unsqueeze(1))
-        total = matrix @ torch.tensor([weights[n] for n in names], dtype=torch.float64, device=device)
-        metrics["frac_reward_zero_std"] = zero_spread_fraction(total, rollout.group_ids.to(device), keep)
+        metrics["frac_reward_zero_std"] = zero_spread_fraction(matrix @ w, group_ids, keep)
         return adv, metrics
 
     def loss(self, batch: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
