@@ -329,16 +329,23 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], Path | None]:
         shutdown(dist)
 
 
+def say(line: str) -> None:
+    """One line to stderr in one write: ``print`` writes the text and its newline separately, so the
+    lines of two torchrun ranks could run into each other."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics, run_dir = train(cfg)
     except (ConfigError, DataFormatError, RunDirectoryError, StartupFailure) as exc:
-        print(error_line(exc), file=sys.stderr)
+        say(error_line(exc))
         sys.exit(2)
     warning = missing_best_warning(run_dir, cfg.trainer.best_metric) if run_dir is not None else None
     if warning:
-        print(warning, file=sys.stderr)
+        say(warning)
     value = metrics.get(cfg.trainer.best_metric) if cfg.trainer.best_metric else None
     return None if value is None else float(value)  # the objective of a sweep
 
