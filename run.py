@@ -11,6 +11,11 @@ trainer. A bad value stops start-up (exit code 2) with one line naming the full 
 before the model is built and before anything is written to the run directory. A run holds a
 lock on its directory; a fresh run refuses a directory that holds a run unless told to resume
 (``trainer.resume=auto``) or to replace it (``overwrite=true``).
+
+With ``acceptance=default`` rank 0 checks the finished run's ``metrics.jsonl`` (NaN losses, the loss
+slope, RL reward spread), writes ``acceptance.json`` and prints one summary line; with
+``acceptance.fail_exit=true`` a failed check ends the run with exit code 3, on every rank.
+Exit codes: 0 success, 2 a config or start-up error, 3 a failed acceptance check, 1 anything else.
 """
 
 from __future__ import annotations
@@ -34,13 +39,14 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from elign.engine.acceptance import FAILED_EXIT_CODE, AcceptanceReport, summary_line
 from elign.engine.checkpoint import check_resume, missing_best_warning
 from elign.engine.distributed import DistInfo, broadcast_object, check_device, init_distributed, shutdown
 from elign.engine.errors import ConfigError, DataFormatError, RunDirectoryError, check_int
 from elign.engine.memory import configure_host_allocator
 from elign.engine.rundir import CONFIG_FILE, RunDirectory
 
-GROUPS = ("dataloader", "strategy", "model", "reward", "filter", "logger")
+GROUPS = ("dataloader", "strategy", "model", "reward", "filter", "logger", "acceptance")
 #: Constructor arguments that run.py passes as live objects, not from the config.
 LIVE_ARGUMENTS = {"trainer": ("policy", "strategy", "dataloader", "run_dir", "dist", "reward", "filter", "logger",
                               "evaluator", "run_config")}
@@ -244,7 +250,8 @@ def validate(cfg: DictConfig) -> None:
 
 
 class StartupFailure(Exception):
-    """A start-up error raised on rank 0, re-raised on every rank with rank 0's message."""
+    """A user error raised on rank 0 (at start-up, or in the acceptance report after the run),
+    re-raised on every rank with rank 0's message."""
 
 
 def on_main_rank(dist: DistInfo, step: Callable[[], Any]) -> Any:
@@ -308,11 +315,29 @@ def fit(cfg: DictConfig, dist: DistInfo, run_dir: Path) -> dict[str, float]:
     return trainer.fit()
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, float], Path | None]:
-    """Validate, claim the run directory, build every group and fit. Returns the last metrics and,
-    on rank 0, the run directory (None on other ranks)."""
+def judge(acceptance: AcceptanceReport | None, dist: DistInfo, run_dir: Path) -> bool | None:
+    """Rank 0 runs the acceptance checks on the finished run (writes ``acceptance.json``, prints the
+    summary line); every rank gets rank 0's verdict, so that all of them exit with the same status.
+    None when the report is off."""
+    if acceptance is None or not acceptance.enabled:
+        return None
+
+    def check() -> bool:
+        verdict = acceptance(run_dir)
+        say(summary_line(verdict))
+        return bool(verdict["passed"])
+
+    return broadcast_object(on_main_rank(dist, check), dist)
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], Path | None, bool | None]:
+    """Validate, claim the run directory, build every group, fit and judge. Returns the last
+    metrics, on rank 0 the run directory (None on other ranks), and the acceptance verdict (None
+    when the report is off)."""
     check_domains(HydraConfig.get().runtime.choices)  # before anything is built
     validate(cfg)
+    # Built (and its values checked) on every rank before anything is written; cheap: it holds numbers.
+    acceptance = build(cfg, "acceptance") if cfg.get("acceptance") is not None else None
     configure_host_allocator(cfg.host_allocator)
     dist = init_distributed(cfg.device)
     try:
@@ -320,7 +345,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], Path | None]:
         directory = on_main_rank(dist, lambda: claim_run_dir(cfg, run_dir))
         with directory if directory is not None else contextlib.nullcontext():
             metrics = fit(cfg, dist, run_dir)
-        return metrics, (run_dir if dist.is_main else None)
+            passed = judge(acceptance, dist, run_dir)  # still under the lock: it writes into the run dir
+        return metrics, (run_dir if dist.is_main else None), passed
     except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)  # an error's frames would keep fit()'s DDP alive (see fit)
         raise
@@ -339,13 +365,15 @@ def say(line: str) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics, run_dir = train(cfg)
+        metrics, run_dir, passed = train(cfg)
     except (ConfigError, DataFormatError, RunDirectoryError, StartupFailure) as exc:
         say(error_line(exc))
         sys.exit(2)
     warning = missing_best_warning(run_dir, cfg.trainer.best_metric) if run_dir is not None else None
     if warning:
         say(warning)
+    if passed is False and cfg.acceptance.fail_exit:  # the same verdict on every rank: the same status
+        sys.exit(FAILED_EXIT_CODE)
     value = metrics.get(cfg.trainer.best_metric) if cfg.trainer.best_metric else None
     return None if value is None else float(value)  # the objective of a sweep
 

@@ -23,6 +23,7 @@ import copy
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -88,10 +89,17 @@ def build_boltz2(use_kernels: bool = False, seed: int | None = None, **arguments
 
     _check_kernels(use_kernels)
     kwargs = boltz2_arguments(arguments, use_kernels)
+    # boltz's lecun_normal_init_ draws from scipy's truncnorm, i.e. NumPy's global state: seed both.
+    numpy_state = np.random.get_state()
     with torch.random.fork_rng(enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        model = Boltz2(**kwargs)
+            np.random.seed(seed % 2**32)
+        try:
+            model = Boltz2(**kwargs)
+        finally:
+            if seed is not None:
+                np.random.set_state(numpy_state)
     model.validate_structure = False  # upstream issue #565: never assigned in boltz 2.2.x
     return model
 

@@ -26,6 +26,7 @@ TARGET_KEYS = ("coords", "atom_resolved_mask", "disto_target", "disto_coords_ens
 """Feature keys that hold the ground truth (read by the losses and the evaluation, never by the trunk)."""
 
 STRUCTURE_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif")
+CROP_ATTEMPTS = 8  # redraws of an empty crop before giving up
 
 
 @dataclass
@@ -129,14 +130,23 @@ def featurize(target: Target, mols: CCDMolecules, seed: int, max_tokens: int | N
     if max_tokens is not None and len(tokenized.tokens) > max_tokens:
         cropper = BoltzCropper(*crop_neighborhood)
         # boltz's cropper draws with the legacy RandomState API (randint), the featurizer with a Generator.
-        tokenized = cropper.crop(tokenized, max_tokens=max_tokens, random=np.random.RandomState(seed),
-                                 max_atoms=max_atoms)
+        # A crop can come back empty (boltz's training loader then skips the sample): redraw, a few times.
+        full, crop_rng = tokenized, np.random.RandomState(seed)
+        for _ in range(CROP_ATTEMPTS):
+            tokenized = cropper.crop(full, max_tokens=max_tokens, random=crop_rng, max_atoms=max_atoms)
+            if len(tokenized.tokens):
+                break
+        else:
+            raise DataFormatError(target.id, None, f"boltz's cropper returned no token in {CROP_ATTEMPTS} attempts "
+                                                   f"(max_tokens={max_tokens}, max_atoms={max_atoms})")
     names = set(tokenized.tokens["res_name"].tolist())
     molecules = {name: mols.get(name) for name in names}
     missing = sorted(n for n, m in molecules.items() if m is None)
     if missing:
         raise DataFormatError(target.id, None, f"residues {missing} are not in the Chemical Component Dictionary")
-    with deletion_preserving_pairing():
+    # The reference-conformer rotations come from torch's global RNG: seed it too, so a seed is a crop.
+    with deletion_preserving_pairing(), torch.random.fork_rng():
+        torch.manual_seed(seed)
         feats = Boltz2Featurizer().process(
             tokenized, random=rng, molecules=molecules, training=training, max_seqs=max_seqs,
             max_tokens=max_tokens, max_atoms=max_atoms, compute_frames=True, pad_to_max_seqs=False)
@@ -150,12 +160,27 @@ def split_batch(feats: Mapping[str, Tensor], meta: Mapping[str, Any]) -> dict[st
     return {"inputs": batched, "targets": targets, "meta": dict(meta)}
 
 
+RAGGED_KEYS = ("r_set_to_rep_atom",)
+"""Features boltz does not pad to ``max_tokens``: ``r_set_to_rep_atom`` ``[R, M]`` has one row per resolved
+polymer token. Only boltz's confidence loss reads it, and that loss takes one target per batch."""
+
+
 def stack_batches(batches: list[dict[str, Any]]) -> dict[str, Any]:
-    """Several same-size batches (same padded token and atom counts) along the batch axis."""
+    """Several same-size batches (same padded token and atom counts) along the batch axis.
+
+    Raises:
+        ValueError: two batches differ in a padded shape (crops of different ``max_tokens`` / ``max_atoms``).
+    """
     out: dict[str, Any] = {"inputs": {}, "targets": {}, "meta": {}}
     for part in ("inputs", "targets"):
         for key in batches[0][part]:
-            out[part][key] = torch.cat([b[part][key] for b in batches], dim=0)
+            tensors = [b[part][key] for b in batches]
+            if key in RAGGED_KEYS:  # zero rows to the longest (no row maps to an atom)
+                rows = max(t.shape[1] for t in tensors)
+                tensors = [torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[1])) for t in tensors]
+            if len({t.shape[1:] for t in tensors}) > 1:
+                raise ValueError(f"cannot stack {key}: shapes {sorted({tuple(t.shape) for t in tensors})}")
+            out[part][key] = torch.cat(tensors, dim=0)
     for key in batches[0]["meta"]:
         out["meta"][key] = [b["meta"][key] for b in batches]
     return out

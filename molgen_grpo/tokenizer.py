@@ -28,7 +28,6 @@ for Qwen's digit-split BPE.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import json
 import re
 import sys
@@ -39,6 +38,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from elign.engine.errors import ConfigError
+from elign.engine.paths import resolve_package_path
 
 __all__ = ["ASSET_PATH", "COMMON_ATOMS", "EOS_TOKEN", "TAGS", "UNK_TOKEN", "atom_tokens", "build_tokenizer",
            "load_tokenizer", "main", "stop_token_ids"]
@@ -66,12 +66,7 @@ _ATOM_IN_ENRICHED = re.compile(r"(\[[^\[\]<>]+\])<")
 _PIECE = r"\[[^\[\]<>]+\]|."
 
 
-def resolve_path(path: str) -> str:
-    """``package:molgen_grpo/assets/x`` -> that folder inside the installed package; others unchanged."""
-    if not path.startswith("package:"):
-        return path
-    package, _, rest = path.removeprefix("package:").partition("/")
-    return str(importlib.resources.files(package).joinpath(rest))
+resolve_path = resolve_package_path  # the engine's package: path resolver, under its old name here
 
 
 def load_tokenizer(path: str, padding_side: str = "left") -> PreTrainedTokenizerBase:

@@ -54,6 +54,7 @@ def _run(args, cwd, timeout=600, env_extra=None):
     ("trainer.lr_schedule.min_lr_ratio=0", "trainer.lr_schedule.min_lr_ratio"),
     ("host_allocator=jemalloc", "host_allocator"),
     ("trainer.fused_rollout=maybe", "trainer.fused_rollout"),
+    ("acceptance=default acceptance.max_nan=-1", "acceptance.max_nan"),
     # PBRS per-step advantages cannot be combined from per-sample gradient sums
     ("trainer.fused_rollout=true strategy.advantage_mode=pbrs_return_to_go", "trainer.fused_rollout"),
 ])
@@ -76,6 +77,30 @@ def test_cli_job_writes_run_files(tmp_path):
     for name in ("config.yaml", "metrics.jsonl", "checkpoint_latest.pth", "checkpoint_best.pth"):
         assert (run_dir / name).is_file(), name
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_cli_acceptance_report_writes_its_verdict(tmp_path):
+    out = _run([sys.executable, str(ROOT / "run.py"), "reward=dummy", "acceptance=default",
+                f"hydra.run.dir={tmp_path / 'run'}", *SMALL], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]  # fail_exit is off: a verdict never changes the status
+    verdict = json.loads((tmp_path / "run" / "acceptance.json").read_text())
+    assert set(verdict) == {"passed", "checks", "iterations"} and verdict["iterations"] == 2
+    assert set(verdict["checks"]) == {"max_nan", "max_loss_slope"}  # min_reward_std is off by default
+    assert all({"value", "threshold", "passed"} <= set(c) for c in verdict["checks"].values())
+    assert [line for line in out.stderr.splitlines() if line.startswith("acceptance ")], out.stderr[-2000:]
+
+
+def test_cli_failed_acceptance_check_with_fail_exit_exits_3(tmp_path):
+    # The constant reward gives every group zero spread: a minimum mean within-group std of 1 fails.
+    out = _run([sys.executable, str(ROOT / "run.py"), "reward=dummy", "acceptance=default",
+                "acceptance.min_reward_std=1.0", "acceptance.fail_exit=true", f"hydra.run.dir={tmp_path / 'run'}",
+                *SMALL], cwd=tmp_path)
+    assert out.returncode == 3, out.stderr[-3000:]
+    verdict = json.loads((tmp_path / "run" / "acceptance.json").read_text())
+    assert verdict["passed"] is False
+    assert verdict["checks"]["min_reward_std"] == {"value": 0.0, "threshold": 1.0, "passed": False,
+                                                   "metrics": ["rollout/reward_group_std"]}
+    assert "min_reward_std FAIL 0 >= 1" in out.stderr
 
 
 def test_cli_multirun_writes_one_dir_per_job(tmp_path):
@@ -118,7 +143,7 @@ def tiny(experiment: str) -> list[str]:
     else:  # supervised mini-batches
         out += ["dataloader.batch_size=8"]
     small = {"num_samples": 4, "batch_size": 4, "max_rows": 4, "num_molecules": 2, "samples_per_molecule": 2,
-             "samples_per_reference": 1}  # whichever of these the recipe's evaluator takes
+             "samples_per_reference": 1, "diffusion_samples": 2, "sampling_steps": 5}  # whichever of these the recipe's evaluator takes
     if cfg.get("evaluator") is not None:
         out += [f"evaluator.{key}={value}" for key, value in small.items() if key in cfg.evaluator]
     if cfg.reward.get("shaping") is not None:
@@ -144,6 +169,8 @@ def test_every_experiment_runs_end_to_end(tmp_path, experiment):
             assert f"reward/{channel}" in last, channel
     if saved.get("evaluator") is not None and "num_samples" in saved.evaluator:
         assert last["eval/num_samples"] == 4
+    elif saved.get("evaluator") is not None and "diffusion_samples" in saved.evaluator:  # structures vs truth
+        assert 0.0 <= last["eval/ca_lddt"] <= 1.0 and math.isfinite(last["eval/distogram_ce"])
     elif saved.get("evaluator") is not None:  # language models: held-out loss and / or prompted completions
         assert 0.0 <= last["eval/parse_rate"] <= 1.0
         assert "max_rows" not in saved.evaluator or math.isfinite(last["eval/loss"])

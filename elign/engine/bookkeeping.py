@@ -36,6 +36,32 @@ def zero_spread_fraction(total: Tensor, group_ids: Tensor, keep: Tensor) -> floa
     return float(flat.double().mean()) if g else 0.0
 
 
+def mean_group_std(total: Tensor, group_ids: Tensor, keep: Tensor) -> float:
+    """Mean over groups of the within-group std of the total reward (TRL's ``reward_std``): the
+    spread GRPO's advantages are made of. It shrinks towards 0 as the policy scores every sample of
+    a prompt alike (what the acceptance report's ``min_reward_std`` watches).
+
+    Each group's std is over its kept members, with Bessel's correction (as TRL and the GRPO
+    advantages); a group with fewer than two kept members has no std and is left out.
+
+    Args:
+        total: ``[B]`` total reward per sample (reward units).
+        group_ids: ``[B]`` group of each sample.
+        keep: ``[B]`` bool.
+
+    Returns:
+        The mean std in reward units; NaN when no group has two kept members.
+    """
+    _, index = torch.unique(group_ids, return_inverse=True)
+    g = int(index.max()) + 1 if index.numel() else 0
+    idx, values = index[keep], total[keep].double()
+    count = torch.bincount(idx, minlength=g).double()
+    mean = torch.zeros(g, dtype=torch.float64, device=total.device).index_add(0, idx, values) / count.clamp_min(1)
+    squares = torch.zeros(g, dtype=torch.float64, device=total.device).index_add(0, idx, (values - mean[idx]) ** 2)
+    ok = count >= 2
+    return float((squares[ok] / (count[ok] - 1)).sqrt().mean()) if bool(ok.any()) else math.nan
+
+
 class RewardBook:
     """Turns a reward's raw output into :class:`ScoredRewards` plus the reward metrics."""
 
@@ -55,7 +81,8 @@ class RewardBook:
         Logged: ``reward/<channel>`` mean and ``reward/<channel>_std`` over kept, successful samples,
         ``reward/<channel>_failed`` (count), ``reward/failed_<reason>`` (the reward's own reasons),
         ``reward/total`` (weighted sum of the channel means over kept samples, penalties included),
-        ``rollout/frac_reward_zero_std`` and, when samples are dropped, ``rollout/kept_frac``.
+        ``rollout/frac_reward_zero_std``, ``rollout/reward_group_std`` (mean within-group std of the
+        total) and, when samples are dropped, ``rollout/kept_frac``.
         """
         device = rollout.logp_old.device
         b = rollout.batch_size
@@ -78,7 +105,9 @@ class RewardBook:
             total += w[name] * (values.mean() if keep.all() else values[keep].mean()).item()
             total_per_sample += w[name] * values
         metrics["reward/total"] = total
-        metrics["rollout/frac_reward_zero_std"] = zero_spread_fraction(total_per_sample, rollout.group_ids.to(device), keep)
+        group_ids = rollout.group_ids.to(device)
+        metrics["rollout/frac_reward_zero_std"] = zero_spread_fraction(total_per_sample, group_ids, keep)
+        metrics["rollout/reward_group_std"] = mean_group_std(total_per_sample, group_ids, keep)
         if reward.keep is not None:
             metrics["rollout/kept_frac"] = keep.float().mean().item()
         for reason, count in reward.failures.items():

@@ -11,9 +11,9 @@ Under the lock, :meth:`RunDirectory.claim` decides what the directory may hold:
 
 - a fresh run (``resume`` null, or a checkpoint from another directory) needs a directory without
   run files, or ``overwrite`` (which deletes them first);
-- a run that continues this directory (``resume=auto`` or a checkpoint inside it) keeps its files;
-  with ``auto`` and no checkpoint yet it starts at iteration 0, so the lines an earlier attempt
-  logged are dropped;
+- a run that continues this directory (``resume=auto`` or a checkpoint inside it) keeps its files
+  but the acceptance verdict (``acceptance.json``, written again at the end); with ``auto`` and no
+  checkpoint yet it starts at iteration 0, so the lines an earlier attempt logged are dropped;
 - in every case, temporaries of checkpoint writes killed half-way are deleted (safe: the lock
   guarantees no live writer owns them).
 
@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from elign.engine.acceptance import ACCEPTANCE_FILE
 from elign.engine.checkpoint import BEST, LATEST, remove_stale_temporaries
 from elign.engine.errors import ConfigError, RunDirectoryError
 from elign.engine.metrics import METRICS_FILE, MetricsWriter
@@ -35,8 +36,9 @@ from elign.engine.metrics import METRICS_FILE, MetricsWriter
 LOCK_FILE = ".run.lock"
 CONFIG_FILE = "config.yaml"
 #: Files that make a directory "hold a run", and that ``overwrite`` deletes. Plots (curves.png) are
-#: outputs of a run too: a new run must not leave the old run's pictures next to its numbers.
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, LATEST, BEST, "curves.png", "molecules.png")
+#: outputs of a run too: a new run must not leave the old run's pictures next to its numbers, nor
+#: the old run's acceptance verdict.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, LATEST, BEST, "curves.png", "molecules.png", ACCEPTANCE_FILE)
 #: Of these, the ones whose presence means a run was started here.
 _EVIDENCE = (CONFIG_FILE, METRICS_FILE, LATEST, BEST)
 
@@ -122,9 +124,13 @@ class RunDirectory:
             raise RuntimeError("RunDirectory.claim needs the lock (call lock() first)")
         removed = [p.name for p in remove_stale_temporaries(self.path)]
         (self.path / (METRICS_FILE + ".tmp")).unlink(missing_ok=True)  # a rewrite of metrics.jsonl cut short
+        (self.path / (ACCEPTANCE_FILE + ".tmp")).unlink(missing_ok=True)  # a verdict's write cut short
         if self.continues(resume):
             if overwrite:
                 raise ConfigError("overwrite", True, "false when trainer.resume continues this directory's run")
+            if (self.path / ACCEPTANCE_FILE).is_file():  # it judged the run as it was; a new one comes at the end
+                (self.path / ACCEPTANCE_FILE).unlink()
+                removed.append(ACCEPTANCE_FILE)
             if resume == "auto" and not (self.path / LATEST).is_file():
                 MetricsWriter(self.path).reset()  # starts at iteration 0: an earlier attempt's lines go
             return removed

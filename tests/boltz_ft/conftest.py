@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("boltz")
 
 REPO = Path(__file__).resolve().parents[2]
-PDB_DIR = REPO.parent / "shared" / "data" / "pdb"
+PDB_DIR = REPO / "boltz_ft" / "data" / "pdb"  # the shipped copies of ../shared/data/pdb
 TINY_CONFIG = REPO / "conf" / "model" / "boltz" / "tiny.yaml"
 
 
@@ -40,10 +40,8 @@ def tiny_boltz2():
 
 @pytest.fixture(scope="session")
 def crambin(ccd):
-    """1crn parsed by boltz's parser (skips when ../shared/data/pdb is absent)."""
+    """1crn parsed by boltz's parser."""
     path = PDB_DIR / "1crn.pdb"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
     from boltz_ft.data import load_structure
 
     return load_structure(path, ccd)

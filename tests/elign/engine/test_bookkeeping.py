@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from elign.engine.bookkeeping import RewardBook, zero_spread_fraction
+from elign.engine.bookkeeping import RewardBook, mean_group_std, zero_spread_fraction
 from elign.engine.errors import ConfigError
 from elign.engine.rollout import RewardOutput, Rollout
 
@@ -35,6 +35,11 @@ def test_failures_become_the_penalty_and_are_counted_and_kept_out_of_the_means()
     assert m["reward/validity"] == 0.5 and m["rollout/custom"] == 2.0
     # group 1's totals: 2 - 2.5, 2 - 2.5, 2 + 3: not flat; group 0 not flat either
     assert m["rollout/frac_reward_zero_std"] == 0.0
+    # within-group std of those totals (Bessel): group 0 = 1 + 0, -5 + 1, 3 + 2 = 1, -4, 5 (mean 2/3);
+    # group 1 = -0.5, -0.5, 5 (mean 4/3)
+    g0 = math.sqrt(sum((x - 2 / 3) ** 2 for x in (1.0, -4.0, 5.0)) / 2)
+    g1 = math.sqrt(sum((x - 4 / 3) ** 2 for x in (-0.5, -0.5, 5.0)) / 2)
+    assert m["rollout/reward_group_std"] == pytest.approx((g0 + g1) / 2)
     assert "rollout/kept_frac" not in m
 
 
@@ -47,6 +52,8 @@ def test_keep_drops_samples_from_every_statistic():
     assert m["rollout/kept_frac"] == pytest.approx(4 / 6)
     # group 1 keeps 2.0, 2.0 (the 7.0 is dropped): no spread; group 0 keeps 1, 3
     assert m["rollout/frac_reward_zero_std"] == 0.5
+    # group 0 keeps 1, 3 (std sqrt(2)), group 1 keeps 2, 2 (std 0)
+    assert m["rollout/reward_group_std"] == pytest.approx(math.sqrt(2) / 2)
 
 
 def test_zero_spread_fraction_hand_computed():
@@ -70,3 +77,14 @@ def test_penalty_is_applied_to_potentials_too():
 def test_penalty_must_be_finite(bad):
     with pytest.raises(ConfigError, match="failure_penalty"):
         RewardBook(failure_penalty=bad)
+
+
+def test_mean_group_std_hand_computed():
+    total = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0, 4.0])
+    groups = torch.tensor([7, 7, 7, 3, 3, 3, 9])  # group 9 is a singleton: no std, left out
+    keep = torch.ones(7, dtype=torch.bool)
+    # group 7: mean 2, Σ d² = 2, std sqrt(2 / 2) = 1; group 3: 0
+    assert mean_group_std(total, groups, keep) == pytest.approx(0.5)
+    keep[1] = False  # group 7 keeps 1, 3: std sqrt(((1-2)² + (3-2)²) / 1) = sqrt(2)
+    assert mean_group_std(total, groups, keep) == pytest.approx(math.sqrt(2) / 2)
+    assert math.isnan(mean_group_std(total, groups, torch.tensor([True, False, False, True, False, False, True])))

@@ -1,0 +1,166 @@
+"""``BoltzPolicy``: the official Boltz-2 as the engine's policy (SFT now; the GRPO sampler policy builds on it).
+
+What the engine sees: ``module`` (the :class:`boltz_ft.sft.Boltz2SFT` that DDP wraps), ``supervised_loss``,
+the trainable parameters (LoRA adapters, or every weight without LoRA), and a checkpoint entry that
+holds only the adapters of a LoRA run. Batches follow the schema ``{"inputs", "targets", "meta"}``;
+inputs and targets are merged into a fresh dict per call because the model reads both from one dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from elign.engine.checkpoint import atomic_save, load_checkpoint
+from elign.engine.errors import ConfigError, check_int
+from boltz_ft import lora as lora_lib
+from boltz_ft.sft import Boltz2SFT
+
+__all__ = ["BoltzPolicy", "merge_features"]
+
+LORA_KEYS = ("target_modules", "r", "alpha", "dropout")
+
+
+def merge_features(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Tensor]:
+    """One fresh feature dict of the batch's ``inputs`` and ``targets`` on ``device`` (boltz mutates it)."""
+    feats = {k: v.to(device) for k, v in batch["inputs"].items()}
+    feats.update({k: v.to(device) for k, v in batch["targets"].items()})
+    return feats
+
+
+class BoltzPolicy:
+    """Boltz-2 with optional LoRA adapters, trained through the engine.
+
+    Args:
+        backend: the official ``Boltz2`` (``boltz_ft.backend.build_boltz2`` / ``load_boltz2``) or the
+            fallback module.
+        sft: arguments of :class:`boltz_ft.sft.Boltz2SFT` (multiplicity, loss weights, confidence term).
+        lora: ``{target_modules, r, alpha, dropout}`` to train adapters only; None trains every weight.
+        recycling_steps: most recycling passes per SFT step; each step draws 0..recycling_steps, as
+            boltz's training does.
+        checkpoint: a run checkpoint (``model`` entry) or an adapters file to start from; None = as built.
+        seed: seed of the adapters' initialisation.
+    """
+
+    def __init__(self, backend: nn.Module, sft: Mapping[str, Any] | None = None, lora: Mapping[str, Any] | None = None,
+                 recycling_steps: int = 0, checkpoint: str | None = None, seed: int = 0) -> None:
+        self.recycling_steps = check_int("recycling_steps", recycling_steps, 0)
+        sft = OmegaConf.to_container(sft, resolve=True) if isinstance(sft, DictConfig) else dict(sft or {})
+        self.module = Boltz2SFT(backend, **sft)
+        self.lora = None if lora is None else (OmegaConf.to_container(lora, resolve=True)
+                                               if isinstance(lora, DictConfig) else dict(lora))
+        if self.lora is not None:
+            unknown = sorted(set(self.lora) - set(LORA_KEYS))
+            if unknown:
+                raise ConfigError("model.lora", unknown, f"keys among {LORA_KEYS}")
+            self.adapted = lora_lib.apply_lora(self.model, list(self.lora["target_modules"]), r=int(self.lora["r"]),
+                                               alpha=float(self.lora["alpha"]),
+                                               dropout=float(self.lora.get("dropout", 0.0)), seed=seed)
+        self._forward: Callable[..., dict[str, Tensor]] = self.module
+        if checkpoint is not None:
+            self.load_state_dict(self._read_checkpoint(checkpoint))
+
+    # ------------------------------------------------------------------ engine contract
+
+    @property
+    def model(self) -> nn.Module:
+        """The official ``Boltz2`` (or fallback) inside the SFT module."""
+        return self.module.model
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def to(self, device: torch.device | str) -> "BoltzPolicy":
+        self.module.to(device)
+        return self
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        """Route the differentiable SFT forward through ``wrap(module)`` (DDP)."""
+        self._forward = wrap(self.module)
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        if self.lora is not None:
+            return lora_lib.lora_parameters(self.module)
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def supervised_loss(self, batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        """Boltz-2's structure-training loss on one batch (mean over its targets and noise levels)."""
+        feats = merge_features(batch, self.device)
+        recycling = random.randint(0, self.recycling_steps)  # the trainer reseeds every iteration
+        out = self._forward(feats, recycling)
+        metrics = {f"loss_{k}": float(v) for k, v in out.items() if k != "loss"}
+        metrics.update({"num_samples": float(feats["coords"].shape[0]), "recycling_steps": float(recycling)})
+        return out["loss"], metrics
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The checkpoint's ``model`` entry: the adapters of a LoRA run, else every weight."""
+        return lora_lib.lora_state_dict(self.module) if self.lora is not None else self.module.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        if self.lora is not None:
+            lora_lib.load_lora_state_dict(self.module, dict(state))
+        else:
+            self.module.load_state_dict(dict(state))
+
+    # ------------------------------------------------------------------ inference and export
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode (no dropout) and no gradients; restores the training flag."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.module.train(was_training)
+
+    def predict(self, batch: Mapping[str, Any], diffusion_samples: int, sampling_steps: int,
+                recycling_steps: int = 0, confidence: bool = False) -> dict[str, Tensor]:
+        """Sample structures for a batch of one target.
+
+        Returns:
+            ``coords`` ``[S, M, 3]``, ``pdistogram`` ``[1, N, N, 1, bins]`` and, with ``confidence``, the
+            confidence head's ``plddt`` ``[S, N]``, ``ptm`` ``[S]``, ...
+        """
+        core = self.module.core
+        feats = merge_features(batch, self.device)
+        with self.evaluating():
+            trunk = core.trunk(feats, recycling_steps, grad=False)
+            coords = core.sample(trunk, feats, sampling_steps, diffusion_samples)
+            out = {"coords": coords, "pdistogram": trunk.pdistogram}
+            if confidence:
+                out.update(core.confidence(trunk, feats, coords, diffusion_samples))
+        return out
+
+    def export(self, path: str | Path) -> Path:
+        """A Lightning-layout checkpoint (``state_dict`` + ``hyper_parameters``) with the adapters merged
+        into the base weights, readable by :func:`boltz_ft.backend.load_boltz2` without unpickling code."""
+        import copy
+
+        model = copy.deepcopy(self.model).cpu()
+        if self.lora is not None:
+            lora_lib.merge_lora(model)
+        hparams = {k: (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v)
+                   for k, v in dict(getattr(model, "hparams", {})).items()}
+        path = Path(path)
+        atomic_save({"state_dict": model.state_dict(), "hyper_parameters": hparams}, path)
+        return path
+
+    @staticmethod
+    def _read_checkpoint(path: str) -> dict[str, Tensor]:
+        try:
+            obj = load_checkpoint(path)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise ConfigError("model.checkpoint", path, f"null or a readable checkpoint file ({exc})") from None
+        state = obj.get("model", obj) if isinstance(obj, dict) else None
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise ConfigError("model.checkpoint", path, "a run checkpoint (its 'model' entry) or a state dict")
+        return state
