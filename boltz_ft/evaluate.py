@@ -69,6 +69,7 @@ class StructureEvaluator:
             feats = featurize(target, mols, seed=self.seed, max_tokens=max_tokens, training=False)
             self.batches.append(split_batch(feats, {"pdb_id": target.id}))
         self.calls = 0
+        self.first_per_residue: dict[str, dict[str, torch.Tensor]] = {}
 
     def evaluate(self, policy: Any) -> tuple[dict[str, float], dict[str, dict[str, torch.Tensor]]]:
         """Metrics (means over samples and targets, and per target) and each target's raw outputs."""
@@ -126,6 +127,11 @@ class StructureEvaluator:
                 true_ca = ca_coords(feats["coords"][:1], centre)[0][mask]
                 written.append(plot_distance_maps(pred_ca, true_ca, directory / f"{target}_distance_map.png",
                                                   f"{target}: sample 0 vs truth (Cα distances)"))
-                per_res = per_residue_lddt(pred_ca[None], true_ca, torch.ones(len(true_ca), dtype=torch.bool))[0]
-                written.append(plot_per_residue_lddt({"sample 0": per_res}, directory / f"{target}_lddt.png"))
+                all_ca = ca_coords(coords, centre)[:, mask]
+                per_res = torch.nanmean(per_residue_lddt(all_ca, true_ca, torch.ones(len(true_ca), dtype=torch.bool)), 0)
+                # The first evaluation is the starting model (iteration -1): every later plot shows it beside.
+                lines = self.first_per_residue.setdefault(target, {"starting model": per_res})
+                lines = {**lines, f"evaluation {self.calls}": per_res} if self.calls > 1 else lines
+                written.append(plot_per_residue_lddt(lines, directory / f"{target}_lddt.png",
+                                                     f"{target}: per-residue Cα-lDDT, mean over samples"))
         return written

@@ -140,6 +140,34 @@ class BoltzPolicy:
                 out.update(core.confidence(trunk, feats, coords, diffusion_samples))
         return out
 
+    def describe(self, batch: Mapping[str, Any], diffusion_samples: int = 2,
+                 sampling_steps: int = 2) -> dict[str, tuple[int, ...] | float | int | str]:
+        """What ``run.py ... dry_run=true`` prints for one batch: the shapes of its ``inputs/<key>`` and
+        ``targets/<key>``, of one no-grad forward's trunk outputs (``outputs/s``, ``outputs/z``,
+        ``outputs/pdistogram``) and of a sample (``outputs/sample_atom_coords``: ``diffusion_samples``
+        structures, ``sampling_steps`` steps, through :meth:`predict`), the SFT loss terms at recycling 0
+        (``losses/<name>``, floats) and the parameter counts. Runs on this process only (the unwrapped
+        module, no collective); restores the training flag."""
+        out: dict[str, tuple[int, ...] | float | int | str] = {}
+        for part in ("inputs", "targets"):
+            out.update({f"{part}/{k}": tuple(v.shape) for k, v in batch[part].items()})
+        feats = merge_features(batch, self.device)
+        with self.evaluating():
+            trunk = self.module.core.trunk(feats, 0, grad=False)
+            out.update({"outputs/s": tuple(trunk.s.shape), "outputs/z": tuple(trunk.z.shape),
+                        "outputs/pdistogram": tuple(trunk.pdistogram.shape)})
+            sample = self.predict(batch, diffusion_samples, sampling_steps)
+            out["outputs/sample_atom_coords"] = tuple(sample["coords"].shape)
+        with torch.no_grad():  # in the module's own mode, as a training step computes them
+            losses = self.module(merge_features(batch, self.device), 0)
+        out.update({f"losses/{k}": float(v) for k, v in losses.items()})
+        trainable = sum(p.numel() for _, p in self.trainable_parameters())
+        out.update({"parameters/trainable": trainable, "parameters/total": sum(p.numel() for p in self.module.parameters()),
+                    "model/backend": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                    "model/lora": "off (every weight trains)" if self.lora is None else
+                    f"r={self.lora['r']} alpha={self.lora['alpha']} on {len(self.adapted)} modules"})
+        return out
+
     def export(self, path: str | Path) -> Path:
         """A Lightning-layout checkpoint (``state_dict`` + ``hyper_parameters``) with the adapters merged
         into the base weights, readable by :func:`boltz_ft.backend.load_boltz2` without unpickling code."""

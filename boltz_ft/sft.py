@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from elign.engine.errors import ConfigError, check_int, check_range
 from boltz_ft.core import Boltz2Core
+from boltz_ft.losses import distogram_ce, mean_loss  # for a non-Boltz2 backend (fallback)
 
 __all__ = ["Boltz2SFT"]
 
@@ -55,8 +56,11 @@ class Boltz2SFT(nn.Module):
             raise ConfigError("confidence_samples", confidence_samples, "0 for a model built without a confidence head")
 
     @property
-    def core(self) -> Boltz2Core:
-        return Boltz2Core(self.model)
+    def core(self) -> Any:
+        """``Boltz2Core`` of the official model; a model with its own core interface (``trunk``, ``denoise``,
+        ``diffusion_loss``, ``sample``, ``confidence``: :class:`boltz_ft.fallback.FallbackBoltz`) is its own core."""
+        # Non-Boltz2 backend (fallback): the model is the core.
+        return self.model if hasattr(self.model, "trunk") else Boltz2Core(self.model)
 
     def forward(self, feats: Mapping[str, Tensor], recycling_steps: int = 0) -> dict[str, Tensor]:
         """The SFT losses of one batch (``feats`` with batch axis; ``coords`` ``[B, 1, M, 3]``).
@@ -65,12 +69,16 @@ class Boltz2SFT(nn.Module):
             ``loss`` (the weighted total, with grad) and the detached terms ``diffusion``, ``mse``,
             ``smooth_lddt``, ``distogram`` and, with confidence samples, ``confidence`` and its parts.
         """
-        from boltz.model.loss.distogramv2 import distogram_loss
-
         core = self.core
         trunk = core.trunk(feats, recycling_steps)
-        distogram, _ = distogram_loss({"pdistogram": trunk.pdistogram}, feats,
-                                      aggregate_distogram=getattr(self.model, "aggregate_distogram", True))
+        aggregate = getattr(self.model, "aggregate_distogram", True)
+        if isinstance(core, Boltz2Core):
+            from boltz.model.loss.distogramv2 import distogram_loss
+
+            distogram, _ = distogram_loss({"pdistogram": trunk.pdistogram}, feats, aggregate_distogram=aggregate)
+        else:  # non-Boltz2 backend (fallback): the same CE without importing boltz (tests/boltz_ft/test_losses.py)
+            distogram = mean_loss(distogram_ce(trunk.pdistogram, feats["disto_target"], feats["token_disto_mask"],
+                                               aggregate=aggregate))
         diffusion, parts = core.diffusion_loss(trunk, feats, self.multiplicity, **self.diffusion_loss_args)
         total = self.weights["diffusion_weight"] * diffusion + self.weights["distogram_weight"] * distogram
         terms = {"diffusion": diffusion, "distogram": distogram,

@@ -243,3 +243,71 @@ def test_default_job_starts_from_the_shipped_base_model():
     loaded = policy.module.state_dict()
     assert shipped.keys() == loaded.keys()
     assert all(torch.equal(loaded[k], v) for k, v in shipped.items())
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` with its contents (a dry run must change none of them)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_dry_run_of_the_boltz_recipe_prints_shapes_and_writes_nothing(tmp_path):
+    """Every group built, one batch drawn, the wiring, its shapes and BoltzPolicy.describe printed;
+    no run directory (Hydra's included), nothing anywhere under the working directory."""
+    pytest.importorskip("boltz")
+    out = _run([sys.executable, str(ROOT / "run.py"), "experiment=boltz/sft_lora", "dry_run=true",
+                "dataloader.max_tokens=32", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (tmp_path / "run").exists(), "a dry run creates no run directory"
+    assert list(tmp_path.iterdir()) == [], "a dry run writes nothing"
+    lines = {line.split()[0]: line.split(None, 1)[1] for line in out.stdout.splitlines() if line.startswith("  ")}
+    assert lines["model"] == "boltz/tiny -> boltz_ft.policy.BoltzPolicy"
+    assert lines["dataloader"].endswith("boltz_ft.dataset.StructureBatches")
+    assert lines["evaluator"].endswith("boltz_ft.evaluate.StructureEvaluator")
+    assert lines["acceptance"] == "default -> elign.engine.acceptance.AcceptanceReport"
+    assert lines["strategy"].endswith("SupervisedStrategy")
+    assert lines["inputs/res_type"] == "(1, 32, 33) int64"
+    assert lines["targets/coords"] == "(1, 1, 512, 3) float32"  # 16 padded atoms per token
+    assert lines["outputs/pdistogram"].startswith("(1, 32, 32, 1, ")
+    assert lines["outputs/s"].startswith("(1, 32, ") and lines["outputs/z"].startswith("(1, 32, 32, ")
+    assert lines["outputs/sample_atom_coords"] == "(2, 512, 3)"
+    assert math.isfinite(float(lines["losses/loss"])) and math.isfinite(float(lines["losses/distogram"]))
+    assert 0 < int(lines["parameters/trainable"]) < int(lines["parameters/total"])  # LoRA adapters only
+    assert f"run directory: {tmp_path / 'run'} (a run would create it)" in out.stdout
+
+
+def test_dry_run_of_another_domain_prints_the_batch_and_writes_nothing(tmp_path):
+    """A policy without describe(): the batch's shapes only; the default (time-stamped) run dir is
+    named, not created."""
+    out = _run([sys.executable, str(ROOT / "run.py"), "experiment=edm/fed_grpo", "dry_run=true"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == [], "a dry run writes nothing (no outputs/, no .hydra, no log)"
+    assert "  model       edm/base -> elign.edm.policy.EDMPolicy" in out.stdout
+    assert "  evaluator   null -> null" in out.stdout
+    assert "  batch  (2,) int64" in out.stdout  # 16 molecules = 2 prompts x group of 8
+    assert "describe" not in out.stdout
+    assert f"run directory: {tmp_path / 'outputs'}/" in out.stdout
+
+
+def test_dry_run_keeps_start_up_errors(tmp_path):
+    """A bad value and a directory that holds a run still stop a dry run with exit code 2, and the
+    directory is left as it was."""
+    out = _run([sys.executable, str(ROOT / "run.py"), "experiment=edm/fed_grpo", "dry_run=true",
+                "trainer.max_iterations=0", f"hydra.run.dir={tmp_path / 'new'}"], cwd=tmp_path)
+    assert out.returncode == 2 and "trainer.max_iterations" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.jsonl").write_text('{"iteration": 0}\n')
+    before = _tree(tmp_path)
+    out = _run([sys.executable, str(ROOT / "run.py"), "experiment=edm/fed_grpo", "dry_run=true",
+                f"hydra.run.dir={tmp_path / 'old'}"], cwd=tmp_path)
+    assert out.returncode == 2 and "already holds a run" in out.stderr, out.stderr[-2000:]
+    assert _tree(tmp_path) == before
+
+
+def test_dry_run_under_torchrun_prints_once_and_writes_nothing(tmp_path):
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(ROOT / "run.py"), "experiment=edm/fed_grpo", "reward=dummy", "dry_run=true",
+                f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("dry run:") == 1 and out.stdout.count("wiring:") == 1, "rank 0 prints, only it"
+    assert list(tmp_path.iterdir()) == []

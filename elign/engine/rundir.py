@@ -106,6 +106,25 @@ class RunDirectory:
         target = Path(resume).expanduser().resolve()
         return target == here or here in target.parents
 
+    def check(self, resume: str | None, overwrite: bool) -> None:
+        """The refusals of :meth:`claim`, read-only (no lock needed, the directory need not exist; a dry run
+        uses it): ``overwrite`` with a resume of this directory's run, or a fresh run into a directory that
+        holds one without ``overwrite``.
+
+        Raises:
+            ConfigError: ``overwrite`` together with a resume of this directory's run.
+            RunDirectoryError: a fresh run into a directory that holds one, without ``overwrite``.
+        """
+        if self.continues(resume):
+            if overwrite:
+                raise ConfigError("overwrite", True, "false when trainer.resume continues this directory's run")
+            return
+        present = self.run_files()
+        if present and not overwrite:
+            raise RunDirectoryError(str(self.path), f"already holds a run ({', '.join(present)}); set "
+                                    "trainer.resume=auto to continue it, overwrite=true to replace it, "
+                                    "or choose another hydra.run.dir")
+
     def claim(self, resume: str | None, overwrite: bool) -> list[str]:
         """Make the directory ready for a run (see the module docstring); needs the lock.
 
@@ -122,23 +141,17 @@ class RunDirectory:
         """
         if not self.locked:
             raise RuntimeError("RunDirectory.claim needs the lock (call lock() first)")
+        self.check(resume, overwrite)
         removed = [p.name for p in remove_stale_temporaries(self.path)]
         (self.path / (METRICS_FILE + ".tmp")).unlink(missing_ok=True)  # a rewrite of metrics.jsonl cut short
         (self.path / (ACCEPTANCE_FILE + ".tmp")).unlink(missing_ok=True)  # a verdict's write cut short
         if self.continues(resume):
-            if overwrite:
-                raise ConfigError("overwrite", True, "false when trainer.resume continues this directory's run")
             if (self.path / ACCEPTANCE_FILE).is_file():  # it judged the run as it was; a new one comes at the end
                 (self.path / ACCEPTANCE_FILE).unlink()
                 removed.append(ACCEPTANCE_FILE)
             if resume == "auto" and not (self.path / LATEST).is_file():
                 MetricsWriter(self.path).reset()  # starts at iteration 0: an earlier attempt's lines go
             return removed
-        present = self.run_files()
-        if present and not overwrite:
-            raise RunDirectoryError(str(self.path), f"already holds a run ({', '.join(present)}); set "
-                                    "trainer.resume=auto to continue it, overwrite=true to replace it, "
-                                    "or choose another hydra.run.dir")
         if overwrite:
             for name in RUN_FILES:
                 if (self.path / name).is_file():

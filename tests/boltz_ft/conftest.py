@@ -11,6 +11,7 @@ pytest.importorskip("boltz")
 REPO = Path(__file__).resolve().parents[2]
 PDB_DIR = REPO / "boltz_ft" / "data" / "pdb"  # the shipped copies of ../shared/data/pdb
 TINY_CONFIG = REPO / "conf" / "model" / "boltz" / "tiny.yaml"
+POLICY_CONFIG = REPO / "conf" / "model" / "boltz" / "policy.yaml"  # sft and lora of every backend
 
 
 def tiny_backend_arguments(seed: int = 0) -> dict:

@@ -9,9 +9,9 @@ from boltz_ft.data import split_batch
 from boltz_ft.lora import lora_scale
 from boltz_ft.policy import BoltzPolicy
 
-from conftest import TINY_CONFIG, tiny_backend_arguments
+from conftest import POLICY_CONFIG, tiny_backend_arguments
 
-CONFIG = OmegaConf.load(TINY_CONFIG)
+CONFIG = OmegaConf.load(POLICY_CONFIG)
 
 
 def _policy(**kwargs):
