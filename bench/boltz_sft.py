@@ -106,12 +106,31 @@ def plot(run_dirs: dict[int, Path], out: Path) -> Path:
     return out
 
 
+def figures(run_dir: Path, out_dir: Path) -> list[Path]:
+    """Distance maps and per-residue lDDT of one run's starting model and SFT model (the evaluator's own
+    plots: the first evaluation is the starting model, the second the run's latest checkpoint)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    evaluator = instantiate(cfg.evaluator, out_dir=str(out_dir), write_structures=False)
+    cfg.model.checkpoint = None
+    evaluator.label = "starting model"
+    evaluator(instantiate(cfg.model))  # the starting model: the run's seed, adapters at B = 0
+    cfg.model.checkpoint = str(run_dir / "checkpoint_latest.pth")
+    evaluator.label = f"SFT, {cfg.trainer.max_iterations} steps"
+    evaluator(instantiate(cfg.model))
+    return sorted((out_dir / "predictions").glob("*.png"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "outputs" / "boltz_sft", help="one run per seed")
     parser.add_argument("--report-only", action="store_true", help="do not train; report existing runs")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the curves (default <runs-dir>/curves.png)")
+    parser.add_argument("--figures", type=Path, default=None,
+                        help="also write the first seed's starting-vs-SFT distance maps and per-residue lDDT here")
     parser.add_argument("overrides", nargs="*", help="extra run.py overrides for every seed")
     args = parser.parse_args()
     run_dirs = {s: args.runs_dir / f"seed_{s}" for s in args.seeds}
@@ -125,6 +144,8 @@ def main() -> None:
     summary = {"seeds": per_seed, "seconds": seconds}
     (args.runs_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"curves: {plot(run_dirs, args.plot or args.runs_dir / 'curves.png')}")
+    if args.figures is not None:
+        print("figures:", *figures(run_dirs[args.seeds[0]], args.figures), sep="\n  ")
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ class StructureEvaluator:
             self.batches.append(split_batch(feats, {"pdb_id": target.id}))
         self.calls = 0
         self.first_per_residue: dict[str, dict[str, torch.Tensor]] = {}
+        self.label: str | None = None  # legend name of the next evaluation's line (None: by its number)
 
     def evaluate(self, policy: Any) -> tuple[dict[str, float], dict[str, dict[str, torch.Tensor]]]:
         """Metrics (means over samples and targets, and per target) and each target's raw outputs."""
@@ -129,9 +130,11 @@ class StructureEvaluator:
                                                   f"{target}: sample 0 vs truth (Cα distances)"))
                 all_ca = ca_coords(coords, centre)[:, mask]
                 per_res = torch.nanmean(per_residue_lddt(all_ca, true_ca, torch.ones(len(true_ca), dtype=torch.bool)), 0)
-                # The first evaluation is the starting model (iteration -1): every later plot shows it beside.
-                lines = self.first_per_residue.setdefault(target, {"starting model": per_res})
-                lines = {**lines, f"evaluation {self.calls}": per_res} if self.calls > 1 else lines
+                # The first evaluation of a fresh run is the starting model (iteration -1); later plots show it
+                # beside the current one. A resumed run's first evaluation is the resumed model (not persisted).
+                name = self.label or ("first evaluation" if self.calls == 1 else f"evaluation {self.calls}")
+                lines = self.first_per_residue.setdefault(target, {name: per_res})
+                lines = {**lines, name: per_res} if self.calls > 1 else lines
                 written.append(plot_per_residue_lddt(lines, directory / f"{target}_lddt.png",
                                                      f"{target}: per-residue Cα-lDDT, mean over samples"))
         return written

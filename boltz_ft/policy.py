@@ -34,6 +34,29 @@ def merge_features(batch: Mapping[str, Any], device: torch.device | str) -> dict
     return feats
 
 
+def merge_run_adapters(model: nn.Module, run_dir: str | Path) -> None:
+    """Merge the adapters of a LoRA run (its ``config.yaml`` ``model.lora`` and best, else latest,
+    checkpoint) into ``model``'s base weights, in place; every weight is trainable again afterwards."""
+    from elign.engine.checkpoint import BEST, LATEST
+
+    run_dir = Path(run_dir)
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise ConfigError("model.base_run", str(run_dir), "a run directory with config.yaml (a LoRA run)")
+    lora = OmegaConf.load(config).model.get("lora")
+    if lora is None:
+        raise ConfigError("model.base_run", str(run_dir), "a LoRA run (its config has model.lora)")
+    path = next((run_dir / name for name in (BEST, LATEST) if (run_dir / name).is_file()), None)
+    if path is None:
+        raise ConfigError("model.base_run", str(run_dir), f"a run directory holding {BEST} or {LATEST}")
+    holder = Boltz2SFT(model)  # the run's adapter names carry the SFT module's "model." prefix
+    lora_lib.apply_lora(model, list(lora.target_modules), r=int(lora.r), alpha=float(lora.alpha),
+                        dropout=float(lora.get("dropout", 0.0)))
+    lora_lib.load_lora_state_dict(holder, dict(load_checkpoint(path)["model"]))
+    lora_lib.merge_lora(model)
+    model.requires_grad_(True)
+
+
 class BoltzPolicy:
     """Boltz-2 with optional LoRA adapters, trained through the engine.
 
@@ -46,12 +69,17 @@ class BoltzPolicy:
             boltz's training does.
         checkpoint: a run checkpoint (``model`` entry) or an adapters file to start from; None = as built.
         seed: seed of the adapters' initialisation.
+        base_run: a LoRA run directory (e.g. an SFT run) whose adapters are merged into the base weights first;
+            this run's adapters then train on top, and the KL reference (scale 0) is that merged model.
     """
 
     def __init__(self, backend: nn.Module, sft: Mapping[str, Any] | None = None, lora: Mapping[str, Any] | None = None,
-                 recycling_steps: int = 0, checkpoint: str | None = None, seed: int = 0) -> None:
+                 recycling_steps: int = 0, checkpoint: str | None = None, seed: int = 0,
+                 base_run: str | None = None) -> None:
         self.recycling_steps = check_int("recycling_steps", recycling_steps, 0)
         sft = OmegaConf.to_container(sft, resolve=True) if isinstance(sft, DictConfig) else dict(sft or {})
+        if base_run is not None:
+            merge_run_adapters(backend, base_run)
         self.module = Boltz2SFT(backend, **sft)
         self.lora = None if lora is None else (OmegaConf.to_container(lora, resolve=True)
                                                if isinstance(lora, DictConfig) else dict(lora))

@@ -62,14 +62,24 @@ class Boltz2SFT(nn.Module):
         # Non-Boltz2 backend (fallback): the model is the core.
         return self.model if hasattr(self.model, "trunk") else Boltz2Core(self.model)
 
-    def forward(self, feats: Mapping[str, Tensor], recycling_steps: int = 0) -> dict[str, Tensor]:
-        """The SFT losses of one batch (``feats`` with batch axis; ``coords`` ``[B, 1, M, 3]``).
+    def forward(self, feats: Mapping[str, Tensor], recycling_steps: int = 0, denoise: Mapping[str, Any] | None = None
+                ) -> dict[str, Tensor]:
+        """The SFT losses of one batch (``feats`` with batch axis; ``coords`` ``[B, 1, M, 3]``), or, with
+        ``denoise``, one denoiser call (GRPO's log-probs): DDP wraps this one ``forward`` for both.
 
+        Args:
+            denoise: ``{"x_noisy": [n, M, 3], "sigma": [n], "multiplicity": n, "trunk": Trunk | None}`` for one
+                target; a None trunk is recomputed here (with gradients into trunk adapters).
         Returns:
             ``loss`` (the weighted total, with grad) and the detached terms ``diffusion``, ``mse``,
-            ``smooth_lddt``, ``distogram`` and, with confidence samples, ``confidence`` and its parts.
+            ``smooth_lddt``, ``distogram`` and, with confidence samples, ``confidence`` and its parts; with
+            ``denoise``, ``{"denoised": [n, M, 3]}``.
         """
         core = self.core
+        if denoise is not None:
+            trunk = denoise.get("trunk") or core.trunk(feats, recycling_steps)
+            return {"denoised": core.denoise(trunk, feats, denoise["x_noisy"], denoise["sigma"],
+                                             int(denoise["multiplicity"]))}
         trunk = core.trunk(feats, recycling_steps)
         aggregate = getattr(self.model, "aggregate_distogram", True)
         if isinstance(core, Boltz2Core):

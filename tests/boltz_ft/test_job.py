@@ -161,3 +161,33 @@ def test_torchrun_two_ranks_draw_different_targets(tmp_path):
     assert targets[0][0] != targets[0][1], targets  # draws 0 and 1: two places of one epoch's permutation
     assert sum(a != b for a, b in targets) >= 3, targets
     assert rows(run_dir)[3]["data/draws"] == 4  # each rank drew 4 batches (mean over ranks)
+
+
+def test_cli_predicts_reports_exports_and_the_export_loads_as_the_pretrained_option(tmp_path):
+    """After a run: `python -m boltz_ft.cli predict / report / export`, and the exported checkpoint is what
+    model=boltz/pretrained loads (safe loading: no pickled code), checked with a dry run."""
+    run_dir = tmp_path / "run"
+    out = job(run_dir, "trainer.max_iterations=1", "trainer.eval_interval=0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    cli = [sys.executable, "-m", "boltz_ft.cli"]
+    pdb = ROOT / "boltz_ft" / "data" / "pdb" / "1crn.pdb"
+    out = _run([*cli, "predict", str(pdb), "--run-dir", str(run_dir), "--samples", "2", "--steps", "3",
+                "--recycling-steps", "0", "--max-tokens", "24", "--out-dir", str(tmp_path / "pred")], cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    scores = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(scores["ca_lddt"]) == 2 and all(0.0 <= v <= 1.0 for v in scores["ca_lddt"])
+    assert (tmp_path / "pred" / "1crn_sample1.cif").stat().st_size > 1000
+    out = _run([*cli, "report", "--run-dir", str(run_dir)], cwd=ROOT)
+    assert out.returncode == 0 and (run_dir / "curves.png").stat().st_size > 1000, out.stderr[-2000:]
+    assert "acceptance" in out.stdout
+    out = _run([*cli, "export", "--run-dir", str(run_dir), "--out", str(tmp_path / "merged.ckpt")], cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    merged = torch.load(tmp_path / "merged.ckpt", weights_only=True)  # plain tensors and containers only
+    assert not any("lora" in k for k in merged["state_dict"])
+    # The tiny dimensions are in the exported hyper-parameters: no boltz-predict overrides for this file.
+    out = _run([sys.executable, str(RUN), *SMALL, "model=boltz/pretrained", f"model.backend.checkpoint={tmp_path / 'merged.ckpt'}",
+                "model.backend.overrides=null", "dry_run=true", f"hydra.run.dir={tmp_path / 'dry'}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "outputs/pdistogram" in out.stdout and not (tmp_path / "dry").exists()
+    out = _run([*cli, "predict", str(pdb), "--run-dir", str(tmp_path / "absent")], cwd=ROOT)
+    assert out.returncode == 2 and "config.yaml" in out.stderr
