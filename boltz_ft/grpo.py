@@ -82,6 +82,14 @@ class BoltzSamplerPolicy(BoltzPolicy):
         prefix = "model." + TRUNK_PREFIX
         return any(not name.startswith(prefix) for name, _ in self.trainable_parameters())
 
+    def describe(self, prompts: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
+        """The dry run's view: the first prompt's shapes and losses (:meth:`BoltzPolicy.describe`) and the
+        sampler policy's action count."""
+        out = super().describe(prompts[0] if isinstance(prompts, list) else prompts)
+        out.update({"sampler/steps": self.sampling_steps, "sampler/trained_actions": int(self.schedule.trained.sum()),
+                    "sampler/trunk_trainable": str(self.trunk_trainable)})
+        return out
+
     # ------------------------------------------------------------------ rollout
 
     def rollout(self, prompts: list[dict[str, Any]], group_size: int) -> Rollout:
@@ -155,8 +163,9 @@ class BoltzSamplerPolicy(BoltzPolicy):
         if not with_reference:
             return StepLogProbs(logp=logp)
         atom_mask = mask_all[rollout.group_ids.to(self.device)].view(b, 1, m, 1).expand(b, t, m, 1).float()
-        ref_logp = torch.stack([gaussian_log_prob(noisy[:, j + 1], ref_all[:, i], var[i].expand(b), atom_mask[:, i, :, 0])
-                                for i, j in enumerate(steps.tolist())], 1) * trained
+        ref_logp = torch.stack([gaussian_log_prob(noisy[:, j + 1], ref_all[:, i], var[i].expand(b),
+                                                  atom_mask[:, i, :, 0]) for i, j in enumerate(steps.tolist())], 1)
+        ref_logp = ref_logp * trained
         return StepLogProbs(logp=logp, ref_logp=ref_logp, mean=mean_all, ref_mean=ref_all,
                             std=var.sqrt().unsqueeze(0).expand(b, t), event_mask=atom_mask)
 

@@ -190,7 +190,8 @@ class BoltzPolicy:
             losses = self.module(merge_features(batch, self.device), 0)
         out.update({f"losses/{k}": float(v) for k, v in losses.items()})
         trainable = sum(p.numel() for _, p in self.trainable_parameters())
-        out.update({"parameters/trainable": trainable, "parameters/total": sum(p.numel() for p in self.module.parameters()),
+        total = sum(p.numel() for p in self.module.parameters())
+        out.update({"parameters/trainable": trainable, "parameters/total": total,
                     "model/backend": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
                     "model/lora": "off (every weight trains)" if self.lora is None else
                     f"r={self.lora['r']} alpha={self.lora['alpha']} on {len(self.adapted)} modules"})

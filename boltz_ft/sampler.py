@@ -62,7 +62,7 @@ def sampler_schedule(structure_module: torch.nn.Module, num_steps: int) -> Sched
     """The schedule boltz's ``AtomDiffusion`` would sample with (its own ``sample_schedule``)."""
     m = structure_module
     sigma32 = m.sample_schedule(num_steps).cpu()
-    # γ in float32 as boltz has it (0.8 -> 0.800000011920929 when it calls .item()), so t̂ matches boltz's bit for bit.
+    # γ in float32 as boltz has it (0.8 -> 0.800000011920929 in its .item()): t̂ matches boltz's bit for bit.
     gamma = torch.where(sigma32 > m.gamma_min, m.gamma_0, 0.0).double()
     sigma = sigma32.double()
     # boltz pairs step k's σ_k with the *next* level's γ (zip(sigmas[:-1], sigmas[1:], gammas[1:])).

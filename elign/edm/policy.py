@@ -28,6 +28,7 @@ from elign.edm.losses import encode_latent, noise_prediction_loss
 from elign.edm.persample import PerSampleTape
 from elign.edm.schedule import PolynomialSchedule
 from elign.engine.errors import ConfigError, check_int
+from elign.engine.paths import resolve_package_path  # noqa: F401 - re-exported (elign.edm.cli, tests)
 from elign.engine.rollout import Rollout, StepLogProbs
 
 CHARGE_SCALE = 10.0  # the charge channel holds atomic number / 10 (upstream normalize_factors)
@@ -60,17 +61,6 @@ def extract_dynamics_state(obj: object) -> dict[str, Tensor]:
     if any(k.startswith("dynamics.") for k in state):
         state = {k.removeprefix("dynamics."): v for k, v in state.items() if k.startswith("dynamics.")}
     return state
-
-
-def resolve_package_path(path: str) -> str:
-    """``package:elign/edm/weights/x.pth`` -> the file inside the installed package (so configs can
-    name shipped weights independently of the working directory); other paths unchanged."""
-    if not path.startswith("package:"):
-        return path
-    import importlib.resources
-
-    package, _, rest = path.removeprefix("package:").partition("/")
-    return str(importlib.resources.files(package).joinpath(rest))
 
 
 class EDMPolicy:

@@ -191,6 +191,7 @@ def test_modules_import_without_boltz():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow  # a run.py job with evaluation, ~80 s on 2 cores; the recipe's own end-to-end test covers run.py
 def test_run_py_trains_and_evaluates_the_fallback(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "run.py", "experiment=boltz/sft_lora", "model=boltz/fallback", "trainer.max_iterations=2",

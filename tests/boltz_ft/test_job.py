@@ -189,5 +189,10 @@ def test_cli_predicts_reports_exports_and_the_export_loads_as_the_pretrained_opt
                 "model.backend.overrides=null", "dry_run=true", f"hydra.run.dir={tmp_path / 'dry'}"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "outputs/pdistogram" in out.stdout and not (tmp_path / "dry").exists()
+    # GRPO from this SFT run: its adapters merged into the base (model.base_run), fresh adapters on top.
+    out = _run([sys.executable, str(RUN), "experiment=boltz/grpo", f"model.base_run={run_dir}", "dry_run=true",
+                "dataloader.max_tokens=24", f"hydra.run.dir={tmp_path / 'grpo'}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "BoltzSamplerPolicy" in out.stdout and not (tmp_path / "grpo").exists()
     out = _run([*cli, "predict", str(pdb), "--run-dir", str(tmp_path / "absent")], cwd=ROOT)
     assert out.returncode == 2 and "config.yaml" in out.stderr
