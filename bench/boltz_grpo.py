@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.boltz_report import plot, summarise, table  # noqa: E402
 
-PLOT_KEYS = ("reward/proxy", "train/kl", "eval/ca_lddt", "eval/clash_fraction")
-LOSS_KEYS = ("reward/proxy", "reward/lddt_ca", "reward/clash", "train/kl")
+PLOT_KEYS = ("reward/lddt_ca", "reward/clash", "train/kl", "eval/ca_lddt", "eval/clash_fraction")
+LOSS_KEYS = ("reward/proxy", "reward/lddt_ca", "reward/clash", "reward/chain_break", "train/kl")
 
 
 def train(seed: int, run_dir: Path, overrides: list[str], sft_dir: Path) -> float:

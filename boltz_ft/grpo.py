@@ -66,14 +66,33 @@ class BoltzSamplerPolicy(BoltzPolicy):
     Args:
         sampling_steps: sampler steps N (boltz predict: 200; the actions are the stochastic ones).
         rollout_recycling_steps: trunk recycling passes of the rollout (and of a recomputed trunk).
+        max_action_noise_angstrom: train only the stochastic actions x̃_k whose noise level t̂_k is at most this
+            (Å); null = all of them. The early, high-noise actions of a small model are forgotten by the end of
+            the trajectory (``bench/boltz_grpo_credit.py`` measures it): their log-prob gradients carry no reward
+            signal, only variance, and each costs a denoiser call per sample in the update.
+        shared_prefix: the G samples of a group share one trajectory up to the first trained action and branch
+            there (the prefix costs one denoiser row instead of G); its untrained actions would cancel in the
+            group-normalised loss anyway.
         **kwargs: as :class:`boltz_ft.policy.BoltzPolicy` (backend, lora, sft, checkpoint, seed).
     """
 
-    def __init__(self, sampling_steps: int = 20, rollout_recycling_steps: int = 0, **kwargs: Any) -> None:
+    def __init__(self, sampling_steps: int = 20, rollout_recycling_steps: int = 0,
+                 max_action_noise_angstrom: float | None = None, shared_prefix: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.sampling_steps = check_int("sampling_steps", sampling_steps, 2)
         self.rollout_recycling_steps = check_int("rollout_recycling_steps", rollout_recycling_steps, 0)
         self.schedule = sampler_schedule(self.model.structure_module, self.sampling_steps)
+        self.trained_actions = self.schedule.trained.clone()  # [N - 1] actions x̃_1 .. x̃_{N-1} in the loss
+        if max_action_noise_angstrom is not None:
+            limit = float(max_action_noise_angstrom)
+            self.trained_actions &= self.schedule.t_hat[1:] <= limit
+            if limit <= 0 or not bool(self.trained_actions.any()):
+                levels = ", ".join(f"{float(t):.3g}" for t in self.schedule.t_hat[1:][self.schedule.trained])
+                raise ConfigError("max_action_noise_angstrom", max_action_noise_angstrom,
+                                  f"null or a level (Å) at or above one stochastic action's t̂ ({levels})")
+        # Action x̃_k is drawn at sampler step k (column k - 1): the group branches at the first trained one.
+        self.shared_steps = int(self.trained_actions.nonzero()[0]) + 1 if shared_prefix else 0
         self._trunks: dict[int, Any] = {}
         self._next_uid = 0
 
@@ -86,7 +105,9 @@ class BoltzSamplerPolicy(BoltzPolicy):
         """The dry run's view: the first prompt's shapes and losses (:meth:`BoltzPolicy.describe`) and the
         sampler policy's action count."""
         out = super().describe(prompts[0] if isinstance(prompts, list) else prompts)
-        out.update({"sampler/steps": self.sampling_steps, "sampler/trained_actions": int(self.schedule.trained.sum()),
+        out.update({"sampler/steps": self.sampling_steps,
+                    "sampler/stochastic_actions": int(self.schedule.trained.sum()),
+                    "sampler/trained_actions": int(self.trained_actions.sum()),
                     "sampler/trunk_trainable": str(self.trunk_trainable)})
         return out
 
@@ -104,8 +125,8 @@ class BoltzSamplerPolicy(BoltzPolicy):
                 trunk = core.trunk(feats, self.rollout_recycling_steps, grad=False)
                 times["trunk"] += time.perf_counter() - start
                 start = time.perf_counter()
-                traj = sample_trajectory(lambda x, t: core.denoise(trunk, feats, x, t, group_size), self.schedule,
-                                         feats["atom_pad_mask"][0], group_size)
+                traj = sample_trajectory(lambda x, t: core.denoise(trunk, feats, x, t, x.shape[0]), self.schedule,
+                                         feats["atom_pad_mask"][0], group_size, self.shared_steps)
                 times["sampling"] += time.perf_counter() - start
                 uid, self._next_uid = self._next_uid, self._next_uid + 1
                 self._trunks[uid] = trunk
@@ -114,7 +135,7 @@ class BoltzSamplerPolicy(BoltzPolicy):
         stacked = stack_batches(prompts)
         group_payload = {f"feat/{k}": v for part in ("inputs", "targets") for k, v in stacked[part].items()}
         group_payload["uid"] = torch.tensor(uids)
-        trained = self.schedule.trained.to(self.device)
+        trained = self.trained_actions.to(self.device)
         b = len(prompts) * group_size
         payload = {"coords": torch.cat([t.coords for t in trajectories]),
                    "noisy": torch.cat([t.noisy for t in trajectories]),

@@ -34,9 +34,28 @@ def merge_features(batch: Mapping[str, Any], device: torch.device | str) -> dict
     return feats
 
 
+#: Entry of a LoRA run's ``model`` state: per base weight (sum, sum of squares), the base the adapters were trained
+#: on. Adapters are only meaningful on that base; a run built from another seed, size or checkpoint is refused.
+FINGERPRINT_KEY = "base_fingerprint"
+
+
+def base_fingerprint(model: nn.Module) -> Tensor:
+    """``[P, 2]`` float64: (sum, sum of squares) of each of ``model``'s parameters (before adapters)."""
+    with torch.no_grad():
+        return torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()])
+
+
+def check_fingerprint(saved: Tensor, expected: Tensor, what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` when ``saved`` is not the fingerprint of this base model."""
+    if saved.shape != expected.shape or not torch.allclose(saved.double(), expected, rtol=1e-9, atol=1e-9):
+        raise ValueError(f"{what}: its adapters were trained on another base model than this run's model.backend "
+                         "(another seed, size or checkpoint); build the same backend (e.g. seed=<that run's seed>)")
+
+
 def merge_run_adapters(model: nn.Module, run_dir: str | Path) -> None:
     """Merge the adapters of a LoRA run (its ``config.yaml`` ``model.lora`` and best, else latest,
-    checkpoint) into ``model``'s base weights, in place; every weight is trainable again afterwards."""
+    checkpoint) into ``model``'s base weights, in place; every weight is trainable again afterwards.
+    The run's base fingerprint must match ``model`` (checkpoints written before it existed are taken as they are)."""
     from elign.engine.checkpoint import BEST, LATEST
 
     run_dir = Path(run_dir)
@@ -49,10 +68,17 @@ def merge_run_adapters(model: nn.Module, run_dir: str | Path) -> None:
     path = next((run_dir / name for name in (BEST, LATEST) if (run_dir / name).is_file()), None)
     if path is None:
         raise ConfigError("model.base_run", str(run_dir), f"a run directory holding {BEST} or {LATEST}")
+    state = dict(load_checkpoint(path)["model"])
+    saved = state.pop(FINGERPRINT_KEY, None)
+    if saved is not None:
+        try:
+            check_fingerprint(saved, base_fingerprint(model), str(path))
+        except ValueError as exc:
+            raise ConfigError("model.base_run", str(run_dir), f"a run on this base model ({exc})") from None
     holder = Boltz2SFT(model)  # the run's adapter names carry the SFT module's "model." prefix
     lora_lib.apply_lora(model, list(lora.target_modules), r=int(lora.r), alpha=float(lora.alpha),
                         dropout=float(lora.get("dropout", 0.0)))
-    lora_lib.load_lora_state_dict(holder, dict(load_checkpoint(path)["model"]))
+    lora_lib.load_lora_state_dict(holder, state)
     lora_lib.merge_lora(model)
     model.requires_grad_(True)
 
@@ -80,6 +106,7 @@ class BoltzPolicy:
         sft = OmegaConf.to_container(sft, resolve=True) if isinstance(sft, DictConfig) else dict(sft or {})
         if base_run is not None:
             merge_run_adapters(backend, base_run)
+        self.base_fingerprint = base_fingerprint(backend) if lora is not None else None
         self.module = Boltz2SFT(backend, **sft)
         self.lora = None if lora is None else (OmegaConf.to_container(lora, resolve=True)
                                                if isinstance(lora, DictConfig) else dict(lora))
@@ -92,7 +119,10 @@ class BoltzPolicy:
                                                dropout=float(self.lora.get("dropout", 0.0)), seed=seed)
         self._forward: Callable[..., dict[str, Tensor]] = self.module
         if checkpoint is not None:
-            self.load_state_dict(self._read_checkpoint(checkpoint))
+            try:
+                self.load_state_dict(self._read_checkpoint(checkpoint))
+            except ValueError as exc:
+                raise ConfigError("model.checkpoint", checkpoint, f"adapters of this base model ({exc})") from None
 
     # ------------------------------------------------------------------ engine contract
 
@@ -128,12 +158,19 @@ class BoltzPolicy:
         return out["loss"], metrics
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The checkpoint's ``model`` entry: the adapters of a LoRA run, else every weight."""
-        return lora_lib.lora_state_dict(self.module) if self.lora is not None else self.module.state_dict()
+        """The checkpoint's ``model`` entry: the adapters of a LoRA run and its base fingerprint, else every weight."""
+        if self.lora is None:
+            return self.module.state_dict()
+        return {**lora_lib.lora_state_dict(self.module), FINGERPRINT_KEY: self.base_fingerprint}
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Adapters (checked against this base's fingerprint when the state has one), else every weight."""
         if self.lora is not None:
-            lora_lib.load_lora_state_dict(self.module, dict(state))
+            state = dict(state)
+            saved = state.pop(FINGERPRINT_KEY, None)
+            if saved is not None:
+                check_fingerprint(saved, self.base_fingerprint, "the checkpoint")
+            lora_lib.load_lora_state_dict(self.module, state)
         else:
             self.module.load_state_dict(dict(state))
 

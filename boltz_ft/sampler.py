@@ -135,37 +135,47 @@ class Trajectory:
 
 @torch.no_grad()
 def sample_trajectory(denoise: Callable[[Tensor, Tensor], Tensor], schedule: Schedule, atom_mask: Tensor,
-                      num_samples: int) -> Trajectory:
+                      num_samples: int, shared_steps: int = 0) -> Trajectory:
     """Run boltz's sampler and record the trajectory.
 
     Args:
-        denoise: ``(x̃ [S, M, 3], t̂ [S]) -> D [S, M, 3]`` (the S samples of one target on the multiplicity axis).
+        denoise: ``(x̃ [n, M, 3], t̂ [n]) -> D [n, M, 3]``, the n rows being samples of one target on the
+            multiplicity axis (n = S, or 1 in a shared prefix).
         schedule: from :func:`sampler_schedule`.
         atom_mask: ``[M]`` real atoms of the target.
         num_samples: ``S``.
+        shared_steps: the first this many steps run as one sample (one noise and augmentation draw) that all S
+            samples share, branching at step ``shared_steps``; 0 = boltz's sampler, independent samples.
     """
     from boltz.model.modules.utils import compute_random_augmentation
 
     steps, m = schedule.num_steps, atom_mask.shape[-1]
     device = atom_mask.device
-    mask = atom_mask.reshape(1, m).expand(num_samples, m)
     x = schedule.sigma[0].float().to(device) * torch.randn((num_samples, m, 3), device=device)
+    if shared_steps > 0:
+        x = x[:1]  # the shared prefix runs as one sample: the denoiser sees 1 row, not S equal ones
     noisy, rotations, translations, logps = [], [], [], []
     for k in range(steps):
-        rotation, translation = compute_random_augmentation(num_samples, device=device, dtype=x.dtype)
+        if k == shared_steps and x.shape[0] != num_samples:
+            x = x.expand(num_samples, m, 3).contiguous()
+        n = x.shape[0]
+        mask = atom_mask.reshape(1, m).expand(n, m)
+        rotation, translation = compute_random_augmentation(n, device=device, dtype=x.dtype)
         mean = step_mean(x, rotation, translation)
         var = float(schedule.var[k])
-        x_noisy = mean + math.sqrt(var) * torch.randn((num_samples, m, 3), device=device)
+        x_noisy = mean + math.sqrt(var) * torch.randn((n, m, 3), device=device)
         if k > 0:
-            logps.append(gaussian_log_prob(x_noisy, mean, torch.full((num_samples,), var), mask)
-                         if var > 0 else torch.zeros(num_samples, device=device))
+            logp = gaussian_log_prob(x_noisy, mean, torch.full((n,), var), mask) if var > 0 else \
+                torch.zeros(n, device=device)
+            logps.append(logp.expand(num_samples))
         t_hat = float(schedule.t_hat[k])
-        denoised = denoise(x_noisy, torch.full((num_samples,), t_hat, device=device))
+        denoised = denoise(x_noisy, torch.full((n,), t_hat, device=device))
         x = step_update(x_noisy, denoised, t_hat, float(schedule.sigma[k + 1]), schedule.step_scale, mask,
                         schedule.align)
-        noisy.append(x_noisy)
-        rotations.append(rotation)
-        translations.append(translation)
+        noisy.append(x_noisy.expand(num_samples, m, 3))
+        rotations.append(rotation.expand(num_samples, 3, 3))
+        translations.append(translation.expand(num_samples, 1, 3))
+    x = x.expand(num_samples, m, 3)
     logp = torch.stack(logps, 1) if logps else torch.zeros(num_samples, 0, device=device)
     return Trajectory(noisy=torch.stack(noisy, 1), rotations=torch.stack(rotations, 1),
                       translations=torch.stack(translations, 1), coords=x, logp=logp)

@@ -161,3 +161,30 @@ def test_molgen_evidence_bench_scores_shipped_and_post_trained_on_held_out_molec
     pair = json.loads((tmp_path / "ev/evidence.json").read_text())["pairs"][0]
     assert pair["base"]["parse_rate"] == pair["post"]["parse_rate"] == 1.0
     assert len(list((tmp_path / "ev/evals").glob("*_constrained.json"))) == 2
+
+
+def test_credit_bench_snr_statistics_hand_case():
+    sys.path.insert(0, str(ROOT))
+    from bench.boltz_grpo_credit import snr_stats
+
+    # draws [1, 0], [3, 0], [1, 2], [3, 2]: mean [2, 1]; tr Σ = (4 * 1 + 4 * 1) / 3 = 8/3; |E g|² = 5 - (8/3)/4
+    stats = snr_stats(torch.tensor([[1.0, 0.0], [3.0, 0.0], [1.0, 2.0], [3.0, 2.0]]))
+    assert stats["noise"] == pytest.approx(8 / 3) and stats["signal"] == pytest.approx(5 - 2 / 3)
+    assert stats["snr_per_rollout"] == pytest.approx((5 - 2 / 3) / (8 / 3))
+    # halves' means [2, 0] and [2, 2]: cosine 2 * 2 / (2 * sqrt(8))
+    assert stats["split_half_cosine"] == pytest.approx(4 / (2 * 8 ** 0.5))
+
+
+def test_credit_bench_branches_at_every_stochastic_step_and_prints_every_channel(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "bench/boltz_grpo_credit.py"), "--targets", "1", "--rollouts", "4",
+                          "--out", str(tmp_path / "credit.json"), "--", "dataloader.max_tokens=16",
+                          "model.sampling_steps=6", "model.max_action_noise_angstrom=null", "model.shared_prefix=false",
+                          "dataloader.group_size=2", "dataloader.batch_size=2"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "credit.json").read_text())
+    steps = [r["branch_step"] for r in report["branch"]["rows"]]
+    assert steps == list(range(len(steps))) and len(steps) >= 3  # k = 0 .. the step after the last stochastic one
+    assert report["branch"]["rows"][-1]["t_hat_angstrom"] < report["branch"]["rows"][0]["t_hat_angstrom"]
+    for name in ("lddt_ca", "neg_rmsd", "tm_score", "clash", "chain_break", "shuffled_lddt_ca"):
+        assert f"| {name} |" in out.stdout and name in report["snr"]

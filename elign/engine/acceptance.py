@@ -35,6 +35,8 @@ FAILED_EXIT_CODE = 3
 GRAD_NORM_KEY = "train/grad_norm"
 #: Mean over groups of the within-group std of the total reward (``elign.engine.bookkeeping``).
 REWARD_STD_KEY = "rollout/reward_group_std"
+#: Fraction of groups whose total reward has no spread (``elign.engine.bookkeeping``).
+FLAT_GROUPS_KEY = "rollout/frac_reward_zero_std"
 
 
 def is_finite_number(value: Any) -> bool:
@@ -109,7 +111,8 @@ class AcceptanceReport:
     """The ``acceptance`` config group: checks a finished run's metrics against thresholds."""
 
     def __init__(self, enabled: bool = False, max_nan: int = 0, max_loss_slope: float | None = None,
-                 loss_key: str = "train/loss", min_reward_std: float | None = None, fail_exit: bool = False) -> None:
+                 loss_key: str = "train/loss", min_reward_std: float | None = None,
+                 max_flat_group_frac: float | None = None, fail_exit: bool = False) -> None:
         """
         Args (the YAML keys):
             enabled: run the checks after ``fit()`` and write ``acceptance.json`` (false: nothing).
@@ -121,6 +124,8 @@ class AcceptanceReport:
             min_reward_std: RL: the run's mean of ``rollout/reward_group_std`` (mean within-group std
                 of the total reward) must be >= this; None = check off. Groups without spread give
                 GRPO no advantage and no gradient.
+            max_flat_group_frac: RL: the run's mean of ``rollout/frac_reward_zero_std`` (fraction of groups
+                without reward spread) must be <= this, in [0, 1]; None = check off.
             fail_exit: ``run.py`` exits with status 3 when a check fails (CI gates); false only
                 reports. In a Hydra sweep the first failing job ends the sweep.
         """
@@ -134,6 +139,8 @@ class AcceptanceReport:
         self.max_loss_slope = check_range("max_loss_slope", max_loss_slope, allow_none=True, none_means="check off")
         self.min_reward_std = check_range("min_reward_std", min_reward_std, 0, allow_none=True,
                                           none_means="check off")
+        self.max_flat_group_frac = check_range("max_flat_group_frac", max_flat_group_frac, 0, 1, allow_none=True,
+                                               none_means="check off")
 
     def evaluate(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """The verdict on ``rows`` (metrics.jsonl rows): every enabled check and whether all pass."""
@@ -150,6 +157,11 @@ class AcceptanceReport:
             spread = mean_finite(r.get(REWARD_STD_KEY) for r in train)
             checks["min_reward_std"] = _check(spread, self.min_reward_std,
                                               math.isfinite(spread) and spread >= self.min_reward_std, [REWARD_STD_KEY])
+        if self.max_flat_group_frac is not None:
+            flat = mean_finite(r.get(FLAT_GROUPS_KEY) for r in train)
+            checks["max_flat_group_frac"] = _check(flat, self.max_flat_group_frac,
+                                                   math.isfinite(flat) and flat <= self.max_flat_group_frac,
+                                                   [FLAT_GROUPS_KEY])
         return {"passed": all(c["passed"] for c in checks.values()), "checks": checks, "iterations": len(train)}
 
     def __call__(self, run_dir: str | Path) -> dict[str, Any]:
@@ -185,7 +197,7 @@ def _format(value: Any) -> str:
 def summary_line(verdict: Mapping[str, Any]) -> str:
     """One line for the log, e.g. ``acceptance FAIL (35 iterations): max_nan PASS 0 <= 0;
     max_loss_slope FAIL 0.0123 <= 0``."""
-    ops = {"max_nan": "<=", "max_loss_slope": "<=", "min_reward_std": ">="}
+    ops = {"max_nan": "<=", "max_loss_slope": "<=", "min_reward_std": ">=", "max_flat_group_frac": "<="}
     parts = [f"{name} {'PASS' if c['passed'] else 'FAIL'} {_format(c['value'])} {ops.get(name, 'vs')} "
              f"{_format(c['threshold'])}" for name, c in verdict["checks"].items()]
     return (f"acceptance {'PASS' if verdict['passed'] else 'FAIL'} ({verdict['iterations']} iterations): "

@@ -216,7 +216,9 @@ class Filter(Protocol):
 @runtime_checkable
 class PromptSource(Protocol):
     """An endless iterator of prompt batches; ``group_size`` samples are drawn per prompt, so each
-    batch yields ``batch_size`` samples (per rank)."""
+    batch yields ``batch_size`` samples (per rank). Under torchrun the trainer calls an optional
+    ``shard(rank, world_size)``; a source without it draws from torch's RNG, which each rank reseeds
+    differently every iteration."""
 
     group_size: int
     batch_size: int

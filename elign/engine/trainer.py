@@ -147,11 +147,11 @@ class Trainer:
             raise ConfigError("eval_at_start", eval_at_start, "true or false")
         self.eval_at_start = eval_at_start
         self.rewards = RewardBook(failure_penalty)
-        if self.supervised and dist.enabled:
-            if not hasattr(dataloader, "shard"):
-                raise ConfigError("dataloader", type(dataloader).__name__, "a data source with shard(rank, world_size) "
-                                  "under torchrun (each rank must see different samples)")
+        if dist.enabled and hasattr(dataloader, "shard"):
             dataloader.shard(dist.rank, dist.world_size)
+        elif self.supervised and dist.enabled:  # RL prompt sources without shard() differ by the per-rank reseed
+            raise ConfigError("dataloader", type(dataloader).__name__, "a data source with shard(rank, world_size) "
+                              "under torchrun (each rank must see different samples)")
 
         self.sync = GradientSync()
         self.counters: dict[str, float] = {}

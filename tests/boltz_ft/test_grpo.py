@@ -53,6 +53,21 @@ def test_sampler_reproduces_boltz_sampler_bitwise(crambin_features):
     assert trajectory.noisy.shape == (3, 8, reference.shape[1], 3) and trajectory.logp.shape == (3, 7)
 
 
+def test_shared_steps_branch_one_trajectory(crambin_features):
+    model, batch = _perturbed_model(), _batch(crambin_features)
+    core = Boltz2Core(model)
+    with torch.no_grad():
+        trunk = core.trunk(batch)
+        torch.manual_seed(5)
+        traj = sample_trajectory(lambda x, t: core.denoise(trunk, batch, x, t, x.shape[0]),
+                                 sampler_schedule(model.structure_module, 8), batch["atom_pad_mask"][0], 3,
+                                 shared_steps=4)
+    # x̃_0 .. x̃_3 (and their augmentations) are one trajectory's; the samples part at x̃_4.
+    assert torch.equal(traj.noisy[0, :4], traj.noisy[2, :4])
+    assert torch.equal(traj.rotations[1, :4], traj.rotations[0, :4])
+    assert not torch.equal(traj.noisy[0, 4], traj.noisy[1, 4]) and not torch.equal(traj.coords[0], traj.coords[1])
+
+
 def test_gaussian_log_prob_hand_case():
     x, mean = torch.zeros(1, 2, 3), torch.zeros(1, 2, 3)
     x[0, 0, 0] = 2.0
@@ -99,6 +114,32 @@ def test_recomputed_log_probs_equal_the_rollouts_and_the_reference_is_the_base(r
     grads = [p.grad for _, p in policy.trainable_parameters()]
     assert all(g is None or torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+
+
+def test_max_action_noise_trains_the_late_actions_only(rollout_and_policy):
+    policy, rollout = rollout_and_policy
+    t_hat = policy.schedule.t_hat[1:]
+    limit = float(t_hat[policy.schedule.trained][-2])  # the last two stochastic actions
+    lora = {**dict(CONFIG.lora), "target_modules": SCORE_MODEL}
+    late = BoltzSamplerPolicy(backend=_perturbed_model(), sft=dict(CONFIG.sft), lora=lora, sampling_steps=8, seed=0,
+                              max_action_noise_angstrom=limit, shared_prefix=True)
+    assert late.trained_actions.tolist() == (policy.schedule.trained & (t_hat <= limit)).tolist()
+    first = int(late.trained_actions.nonzero()[0]) + 1  # the step of the first trained action
+    assert late.shared_steps == first
+    torch.manual_seed(1)
+    shared = late.rollout(next(StructurePrompts(group_size=3, batch_size=3, paths=["package:boltz_ft/data/pdb"],
+                                                max_tokens=24, seed=0)), 3)
+    noisy = shared.payload["noisy"]
+    assert torch.equal(noisy[0, :first], noisy[2, :first]) and not torch.equal(noisy[0, first], noisy[1, first])
+    assert shared.step_mask[0].tolist() == late.trained_actions.tolist()
+    recomputed = late.log_prob(shared, late.trained_actions.nonzero().flatten(), with_reference=False).logp
+    assert torch.allclose(recomputed, shared.logp_old[:, late.trained_actions], rtol=1e-6)
+    assert int(late.trained_actions.sum()) == 2 and late.describe(next(StructurePrompts(
+        group_size=1, batch_size=1, paths=["package:boltz_ft/data/pdb"], max_tokens=16, seed=0)))[
+        "sampler/trained_actions"] == 2
+    with pytest.raises(ConfigError, match="max_action_noise_angstrom"):
+        BoltzSamplerPolicy(backend=_perturbed_model(), sft=dict(CONFIG.sft), lora=lora, sampling_steps=8, seed=0,
+                           max_action_noise_angstrom=1e-3)
 
 
 def test_prompts_need_whole_groups():

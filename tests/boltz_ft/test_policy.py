@@ -8,6 +8,7 @@ from boltz_ft.backend import build_boltz2, load_boltz2
 from boltz_ft.data import split_batch
 from boltz_ft.lora import lora_scale
 from boltz_ft.policy import BoltzPolicy
+from elign.engine.errors import ConfigError
 
 from conftest import POLICY_CONFIG, tiny_backend_arguments
 
@@ -25,7 +26,7 @@ def test_lora_policy_trains_and_stores_only_adapters(crambin_features):
     names = [n for n, _ in policy.trainable_parameters()]
     assert names and all(n.endswith((".lora_A", ".lora_B")) for n in names)
     assert any(".tri_mul_out." in n for n in names) and any("token_transformer" in n for n in names)
-    assert set(policy.state_dict()) == set(names)
+    assert set(policy.state_dict()) == set(names) | {"base_fingerprint"}
     batch = split_batch(crambin_features, {"pdb_id": "1crn"})
     loss, metrics = policy.supervised_loss(batch)
     loss.backward()
@@ -45,6 +46,10 @@ def test_start_from_a_run_checkpoint_and_export_merged_weights(tmp_path, crambin
     torch.save({"model": policy.state_dict()}, tmp_path / "checkpoint_latest.pth")
     again = _policy(checkpoint=str(tmp_path / "checkpoint_latest.pth"))
     assert all(torch.equal(policy.state_dict()[k], v) for k, v in again.state_dict().items())
+    # Adapters of another base (another initialisation seed) are refused, naming the key and the file.
+    with pytest.raises(ConfigError, match="model.checkpoint.*another base model"):
+        BoltzPolicy(build_boltz2(**tiny_backend_arguments(1)), sft=dict(CONFIG.sft), lora=dict(CONFIG.lora),
+                    checkpoint=str(tmp_path / "checkpoint_latest.pth"))
 
     batch = split_batch(crambin_features, {"pdb_id": "1crn"})
     torch.manual_seed(0)
@@ -74,3 +79,20 @@ def test_bad_checkpoint_and_lora_keys_name_the_key(tmp_path):
         _policy(checkpoint=str(tmp_path / "absent.pth"))
     with pytest.raises(Exception, match="model.lora"):
         _policy(lora={**dict(CONFIG.lora), "rank": 4})
+
+
+def test_base_run_merges_adapters_of_the_same_base_only(tmp_path):
+    """``model.base_run``: an earlier LoRA run's adapters merge into the base it was trained on; a backend built
+    from another seed is refused (merged, its adapters would be noise on the wrong weights)."""
+    policy = _policy()
+    with torch.no_grad():
+        for _, param in policy.trainable_parameters():
+            param.normal_(0, 0.05)
+    torch.save({"model": policy.state_dict()}, tmp_path / "checkpoint_latest.pth")
+    OmegaConf.save({"model": {"lora": dict(CONFIG.lora)}}, tmp_path / "config.yaml")
+    merged = BoltzPolicy(build_boltz2(**tiny_backend_arguments(0)), sft=dict(CONFIG.sft), base_run=str(tmp_path))
+    base = build_boltz2(**tiny_backend_arguments(0))
+    after, before = merged.model.state_dict(), base.state_dict()
+    assert after.keys() == before.keys() and any(not torch.equal(after[k], before[k]) for k in before)
+    with pytest.raises(ConfigError, match="model.base_run.*another base model"):
+        BoltzPolicy(build_boltz2(**tiny_backend_arguments(1)), sft=dict(CONFIG.sft), base_run=str(tmp_path))

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from elign.engine.acceptance import (ACCEPTANCE_FILE, FAILED_EXIT_CODE, GRAD_NORM_KEY, REWARD_STD_KEY,
-                                     AcceptanceReport, count_non_finite, loss_slope, mean_finite, summary_line,
-                                     write_json_atomic)
+from elign.engine.acceptance import (ACCEPTANCE_FILE, FAILED_EXIT_CODE, FLAT_GROUPS_KEY, GRAD_NORM_KEY,
+                                     REWARD_STD_KEY, AcceptanceReport, count_non_finite, loss_slope, mean_finite,
+                                     summary_line, write_json_atomic)
 from elign.engine.errors import ConfigError
 from elign.engine.metrics import MetricsWriter
 from elign.engine.rundir import RunDirectory
@@ -76,15 +76,21 @@ def test_nan_written_by_the_metrics_writer_is_counted_when_read_back(tmp_path):
 def test_every_check_passes_and_fails_on_its_threshold():
     # iteration -1 (the evaluation of the starting weights) is no training iteration
     rows = [{"iteration": -1, "eval/score": 1.0}] + [
-        {"iteration": i, "train/loss": 1.0 - 0.1 * i, GRAD_NORM_KEY: 1.0, REWARD_STD_KEY: std}
-        for i, std in enumerate([0.2, None, 0.4])]  # loss slope -0.1; mean reward std (0.2 + 0.4) / 2 = 0.3
-    ok = AcceptanceReport(enabled=True, max_loss_slope=0.0, min_reward_std=0.3).evaluate(rows)
+        {"iteration": i, "train/loss": 1.0 - 0.1 * i, GRAD_NORM_KEY: 1.0, REWARD_STD_KEY: std, FLAT_GROUPS_KEY: flat}
+        for i, (std, flat) in enumerate([(0.2, 0.0), (None, 0.5), (0.4, 0.25)])]
+    # loss slope -0.1; mean reward std (0.2 + 0.4) / 2 = 0.3; mean flat-group fraction (0 + 0.5 + 0.25) / 3 = 0.25
+    ok = AcceptanceReport(enabled=True, max_loss_slope=0.0, min_reward_std=0.3,
+                          max_flat_group_frac=0.25).evaluate(rows)
     assert ok["passed"] is True and ok["iterations"] == 3
     assert ok["checks"]["max_loss_slope"]["value"] == pytest.approx(-0.1)
     assert ok["checks"]["min_reward_std"]["value"] == pytest.approx(0.3)
-    bad = AcceptanceReport(enabled=True, max_loss_slope=-0.2, min_reward_std=0.31).evaluate(rows)
+    assert ok["checks"]["max_flat_group_frac"]["value"] == pytest.approx(0.25)
+    bad = AcceptanceReport(enabled=True, max_loss_slope=-0.2, min_reward_std=0.31,
+                           max_flat_group_frac=0.2).evaluate(rows)
     assert bad["passed"] is False
     assert bad["checks"]["max_loss_slope"]["passed"] is False and bad["checks"]["min_reward_std"]["passed"] is False
+    assert bad["checks"]["max_flat_group_frac"]["passed"] is False
+    assert "max_flat_group_frac FAIL 0.25 <= 0.2" in summary_line(bad)
     assert bad["checks"]["max_nan"]["passed"] is True
 
 
@@ -133,7 +139,8 @@ def test_write_is_atomic_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_
 
 @pytest.mark.parametrize("kwargs,key", [
     ({"max_nan": -1}, "max_nan"), ({"max_nan": 0.5}, "max_nan"), ({"max_loss_slope": NAN}, "max_loss_slope"),
-    ({"min_reward_std": -0.1}, "min_reward_std"), ({"enabled": "yes"}, "enabled"), ({"fail_exit": 1}, "fail_exit"),
+    ({"min_reward_std": -0.1}, "min_reward_std"), ({"max_flat_group_frac": 1.5}, "max_flat_group_frac"),
+    ({"enabled": "yes"}, "enabled"), ({"fail_exit": 1}, "fail_exit"),
     ({"loss_key": ""}, "loss_key"),
 ])
 def test_bad_values_name_the_key(kwargs, key):
