@@ -13,9 +13,11 @@ import torch
 
 from test_job import LAUNCHER, ROOT, RUN, _run, numbers, rows
 
-#: A small GRPO job: 24-token crops, 2 targets x 2 samples, 6 sampler steps, evaluations of 1crn every 2 iterations.
+#: A small GRPO job: 24-token crops, 2 targets x 2 samples, 6 sampler steps (stochastic actions at t̂ = 1209 and
+#: 231 Å: the last one trained, the group sharing the trajectory before it), evaluations of 1crn every 2 iterations.
 SMALL = ["experiment=boltz/grpo", "dataloader.max_tokens=24", "dataloader.group_size=2", "dataloader.batch_size=4",
-         "trainer.micro_batch_size=2", "model.sampling_steps=6", "evaluator.sampling_steps=3",
+         "trainer.micro_batch_size=2", "model.sampling_steps=6", "model.max_action_noise_angstrom=300",
+         "evaluator.sampling_steps=3",
          "evaluator.diffusion_samples=2", "evaluator.ids=[1crn]", "trainer.eval_interval=2", "trainer.save_interval=2",
          "acceptance.max_flat_group_frac=1.0", "trainer.progress=false"]
 
