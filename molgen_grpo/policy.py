@@ -41,10 +41,12 @@ SAMPLERS = ("kv", "generate")
 @dataclass(frozen=True)
 class Prompt:
     """One prompt: ``prompt_id`` names its GRPO group (two prompts with the same text and different
-    ids are different groups); ``text`` is what the model continues, e.g. ``[SMILES]CCO[/SMILES]``."""
+    ids are different groups); ``text`` is what the model continues, e.g. ``[SMILES]CCO[/SMILES]``;
+    ``modality`` is dataset metadata a reward may read (``smiles``, ``protein``, ``dna``), or None."""
 
     prompt_id: int | str
     text: str
+    modality: str | None = None
 
 
 def as_prompts(prompts: Sequence[Prompt | Mapping[str, Any]]) -> list[Prompt]:
@@ -54,7 +56,7 @@ def as_prompts(prompts: Sequence[Prompt | Mapping[str, Any]]) -> list[Prompt]:
         if isinstance(item, Prompt):
             out.append(item)
         elif isinstance(item, Mapping) and "prompt_id" in item and "text" in item:
-            out.append(Prompt(item["prompt_id"], str(item["text"])))
+            out.append(Prompt(item["prompt_id"], str(item["text"]), item.get("modality")))
         else:
             raise TypeError(f"a prompt must be a Prompt or a mapping with keys prompt_id and text, got {item!r}")
     if not out:
