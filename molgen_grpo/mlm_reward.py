@@ -105,7 +105,8 @@ class MaskedLMScore:
 class MaskedLMReward:
     """Engine reward (``reward=molgen/mlm``): one channel (``channel``, default ``mlm``) per completion.
 
-    Reads ``rollout.info["completions"]`` and the prompts' ``modality`` metadata; args as :class:`MaskedLMScore`
+    Reads ``rollout.info["completions"]`` and ``rollout.info["modalities"]`` (each sample's prompt metadata, as
+    :class:`molgen_grpo.policy.Qwen3Policy` records it; absent = none); args as :class:`MaskedLMScore`
     plus ``channel``, the channel's name (to sum it with another reward's channels as weighted channels).
     """
 
@@ -116,9 +117,8 @@ class MaskedLMReward:
         self.score = MaskedLMScore(**kwargs)
 
     def __call__(self, rollout: Rollout) -> RewardOutput:
-        completions, prompts = rollout.info["completions"], rollout.info["prompts"]
-        metadata = [getattr(p, "modality", None) for p in prompts]
-        values, reasons, modalities = self.score(completions, metadata)
+        completions = rollout.info["completions"]
+        values, reasons, modalities = self.score(completions, rollout.info.get("modalities"))
         failures = Counter(r for r in reasons if r is not None and r != SCORER_ERROR)
         scorer_failures = sum(r == SCORER_ERROR for r in reasons)
         if scorer_failures:  # NaN rows: the engine counts them as <channel>_failed and applies its penalty

@@ -240,7 +240,8 @@ class Qwen3Policy:
         tokens = float(payload["prompt_mask"].sum() + payload["completion_mask"].sum())
         return Rollout(group_ids=group_ids, logp_old=logp, step_mask=step_mask, payload=payload,
                        info={"completions": texts, "prompts": [p.text for p in items for _ in range(k)],
-                             "prompt_ids": [p.prompt_id for p in items for _ in range(k)], "metrics": metrics,
+                             "prompt_ids": [p.prompt_id for p in items for _ in range(k)],
+                             "modalities": [p.modality for p in items for _ in range(k)], "metrics": metrics,
                              "counters": {"num_tokens": tokens}})
 
     def log_prob(self, rollout: Rollout, steps: Tensor, with_reference: bool) -> StepLogProbs:

@@ -188,3 +188,14 @@ def test_credit_bench_branches_at_every_stochastic_step_and_prints_every_channel
     assert report["branch"]["rows"][-1]["t_hat_angstrom"] < report["branch"]["rows"][0]["t_hat_angstrom"]
     for name in ("lddt_ca", "neg_rmsd", "tm_score", "clash", "chain_break", "shuffled_lddt_ca"):
         assert f"| {name} |" in out.stdout and name in report["snr"]
+
+
+def test_mlm_scorer_bench_prints_both_modes_for_every_modality():
+    out = subprocess.run([sys.executable, str(ROOT / "bench/molgen_mlm_scorer.py"), "--limit", "3", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith(("| smiles", "| protein",
+                                                                                           "| dna"))]
+    assert [r[0].strip() for r in rows] == ["smiles", "protein", "dna"]
+    for row in rows:
+        assert int(row[1]) == 3 and all(float(x.replace(",", "")) > 0 for x in row[2:])

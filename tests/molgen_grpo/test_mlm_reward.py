@@ -9,7 +9,6 @@ from elign.engine.errors import ConfigError
 from elign.engine.rollout import Rollout
 from molgen_grpo.mlm_model import MODALITY_TOKENS, build_char_tokenizer, build_tiny_mlm, load_masked_lm
 from molgen_grpo.mlm_reward import SCORER_ERROR, MaskedLMReward, MaskedLMRewardFunction, MaskedLMScore
-from molgen_grpo.policy import Prompt
 
 COMPLETIONS = ["<smiles>CCO</smiles>", "<protein> </protein>", "no tag here", "<amino_acid>MKV</amino_acid>",
                "x <dna>ACGTT</dna>"]
@@ -50,10 +49,9 @@ def test_tags_penalties_and_reasons(model_dir):
 
 def test_engine_reward_counts_failures_and_a_scorer_error_is_nan(model_dir, monkeypatch):
     reward = MaskedLMReward(path=str(model_dir), channel="mlm")
-    prompts = [Prompt(i, "p", "smiles") for i in range(len(COMPLETIONS))]
     rollout = Rollout(group_ids=torch.zeros(len(COMPLETIONS), dtype=torch.long), logp_old=torch.zeros(5, 1),
-                      step_mask=torch.ones(5, 1, dtype=torch.bool), info={"completions": COMPLETIONS,
-                                                                          "prompts": prompts})
+                      step_mask=torch.ones(5, 1, dtype=torch.bool),
+                      info={"completions": COMPLETIONS, "prompts": ["p"] * 5, "modalities": ["smiles"] * 5})
     real = reward.score.scorer.score
 
     def failing(sequences, modality):
@@ -101,3 +99,35 @@ def test_the_recipe_reward_loads_the_shipped_model_and_prefers_real_molecules():
     assert reasons == [None, None, "no_tag"] and values[2] == -5.0
     # The shipped model (held-out SMILES masked-token accuracy 0.74) finds a molecule likelier than noise.
     assert values[0] > values[1]
+
+
+def test_masked_lm_and_conformer_rewards_compose_as_weighted_channels():
+    """The composed reward of a run that sums the masked-LM reward with the conformer reward (issue 18 §6)."""
+    import json
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from elign.engine.strategies.grpo import GRPOStrategy
+
+    conf = Path(__file__).resolve().parents[2] / "conf/reward"
+    composed = OmegaConf.load(conf / "composed.yaml")
+    composed.rewards = {"conformer": OmegaConf.load(conf / "molgen/conformer_v3.yaml"),
+                        "mlm": OmegaConf.load(conf / "molgen/mlm.yaml")}
+    reward = instantiate(composed)
+    line = (Path(__file__).resolve().parents[2] / "molgen_grpo/data/qm9_conformers/train.jsonl").read_text()
+    row = json.loads(line.splitlines()[0])
+    smiles, embedded = row["canonical_smiles"], row["embedded_smiles"]
+    prompt = f"[SMILES]{smiles}[/SMILES]"
+    completions = [f"[CONFORMER]{embedded}[/CONFORMER] <smiles>{smiles}</smiles>", "[CONFORMER]broken"]
+    rollout = Rollout(group_ids=torch.zeros(2, dtype=torch.long), logp_old=torch.zeros(2, 1),
+                      step_mask=torch.ones(2, 1, dtype=torch.bool),
+                      info={"completions": completions, "prompts": [prompt, prompt], "modalities": ["smiles"] * 2})
+    out = reward(rollout)
+    assert set(out.channels) == {"conformer", "mlm"}
+    assert out.failures.get("mlm_no_tag") == 1 and out.channels["mlm"][1] == -5.0
+    assert any(k.startswith("conformer_") for k in out.failures) and "mlm_mlm_scored_frac" in out.metrics
+    # The strategy weighs the two channels into one total, as TRL's reward_weights do.
+    strategy = GRPOStrategy(reward_weights={"conformer": 1.0, "mlm": 0.1}, default_weight=0.0)
+    assert strategy.reward_weights(list(out.channels)) == {"conformer": 1.0, "mlm": 0.1}
