@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_job import LAUNCHER, ROOT, RUN, _run, numbers, rows
+from test_job import RUN, _run, numbers, rows, torchrun_job
 
 #: A small GRPO job: 24-token crops, 2 targets x 2 samples, 6 sampler steps (stochastic actions at t̂ = 1209 and
 #: 231 Å: the last one trained, the group sharing the trajectory before it), evaluations of 1crn every 2 iterations.
@@ -60,13 +60,7 @@ def test_grpo_resume_replays_the_uninterrupted_run_exactly(tmp_path):
 def test_grpo_torchrun_two_ranks(tmp_path):
     """``torchrun --nproc_per_node=2``: exit 0, rank 0 writes, each rank samples its own targets (draws r, r + 2,
     ...), and DDP accepts the update's several denoiser forwards (one per target) before each backward."""
-    launcher, draws = tmp_path / "launch.py", tmp_path / "draws"
-    launcher.write_text(f"RUN = {str(RUN)!r}\n" + LAUNCHER)
-    draws.mkdir()
-    run_dir = tmp_path / "run"
-    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
-                *SMALL, "trainer.max_iterations=3", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-               env_extra={"DRAW_LOG": str(draws), "PYTHONPATH": str(ROOT)})
+    out, run_dir, draws = torchrun_job(tmp_path, *SMALL, "trainer.max_iterations=3")
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["draws", "launch.py", "run"], "only rank 0 writes"
     assert sorted(rows(run_dir)) == [-1, 0, 1, 2]

@@ -138,17 +138,24 @@ runpy.run_path(RUN, run_name="__main__")
 '''
 
 
-@pytest.mark.slow  # two ranks on 2 cores: ~1.5 minutes
-def test_torchrun_two_ranks_draw_different_targets(tmp_path):
-    """(b) ``torchrun --nproc_per_node=2``: exit 0, one metrics.jsonl (rank 0), and each rank trains on
-    its own draws (rank r takes draws r, r + 2, ...), so the two ranks' targets of a step differ."""
+def torchrun_job(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """``torchrun --nproc_per_node=2`` of run.py through :data:`LAUNCHER` in ``tmp_path``: the result, the run
+    directory and the folder of the ranks' draw logs."""
     launcher, draws = tmp_path / "launch.py", tmp_path / "draws"
     launcher.write_text(f"RUN = {str(RUN)!r}\n" + LAUNCHER)
     draws.mkdir()
     run_dir = tmp_path / "run"
     out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher),
-                *SMALL, "trainer.max_iterations=4", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
                env_extra={"DRAW_LOG": str(draws), "PYTHONPATH": str(ROOT)})
+    return out, run_dir, draws
+
+
+@pytest.mark.slow  # two ranks on 2 cores: ~1.5 minutes
+def test_torchrun_two_ranks_draw_different_targets(tmp_path):
+    """(b) ``torchrun --nproc_per_node=2``: exit 0, one metrics.jsonl (rank 0), and each rank trains on
+    its own draws (rank r takes draws r, r + 2, ...), so the two ranks' targets of a step differ."""
+    out, run_dir, draws = torchrun_job(tmp_path, *SMALL, "trainer.max_iterations=4")
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["draws", "launch.py", "run"], "only rank 0 writes"
     assert sorted(rows(run_dir)) == [-1, 0, 1, 2, 3], "one line per iteration, from rank 0 only"
