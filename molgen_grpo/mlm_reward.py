@@ -6,7 +6,10 @@ modality in batches by :class:`molgen_grpo.mlm_scorer.MaskedLMScorer`. Failures 
 
 * a completion that cannot be parsed (``no_tag``, ``empty_tag``, ``too_short``, ``invalid_smiles``,
   ``unknown_modality``) or whose modality the model does not cover (``unsupported_modality``) gets
-  ``penalty_for_invalid`` and is counted under its reason (logged as ``reward/failed_<reason>``);
+  ``penalty_for_invalid`` and is counted under its reason (logged as ``reward/failed_<reason>``); so does,
+  with ``check_sequences``, a tagged sequence that is not valid for its modality (``invalid_smiles``: RDKit
+  refuses it; ``invalid_protein`` / ``invalid_dna``: letters outside the alphabet), which lobster scores anyway,
+  and, with ``match_metadata``, an answer in another modality than the prompt asked for (``wrong_modality``);
 * a scorer exception leaves its batch NaN with the reason ``scorer_error``: the engine turns NaN into the
   trainer's ``failure_penalty`` and counts it; the TRL function returns None for those rows (TRL's
   "not scored") and keeps the count in :attr:`MaskedLMRewardFunction.failures`.
@@ -25,7 +28,7 @@ from elign.engine.errors import ConfigError
 from elign.engine.rollout import Rollout, RewardOutput
 from molgen_grpo.mlm_model import MODALITY_TOKENS, load_masked_lm
 from molgen_grpo.mlm_scorer import MaskedLMScorer
-from molgen_grpo.modality import MODALITIES, SOURCES, parse_completion
+from molgen_grpo.modality import MODALITIES, SOURCES, check_sequence, parse_completion
 
 log = logging.getLogger(__name__)
 SCORER_ERROR = "scorer_error"
@@ -43,6 +46,9 @@ class MaskedLMScore:
         modalities: the modalities this model scores; another modality is ``unsupported_modality``.
         sources: where a completion's modality comes from, in order (``tags``, ``metadata``, ``detect``).
         penalty_for_invalid: the reward of an unparseable completion (lobster v2: -5.0).
+        check_sequences: also penalise sequences that are not valid for their modality (lobster scores them).
+        match_metadata: penalise an answer whose tag names another modality than the prompt's metadata
+            (``wrong_modality``): without it a policy can answer every prompt in the modality that scores best.
         trust_remote_code: passed to ``from_pretrained`` (Hub repos with their own model code).
         device: where the masked LM runs.
     """
@@ -51,7 +57,8 @@ class MaskedLMScore:
                  batch_size: int = 8, max_positions: int | None = None, seed: int = 0,
                  modality_tokens: str | Mapping[str, str] = "ume", modalities: Sequence[str] = MODALITIES,
                  sources: Sequence[str] = ("tags",), penalty_for_invalid: float = -5.0,
-                 trust_remote_code: bool = False, device: str = "cpu", max_length: int = 512) -> None:
+                 check_sequences: bool = True, match_metadata: bool = False, trust_remote_code: bool = False, device: str = "cpu",
+                 max_length: int = 512) -> None:
         bad = [m for m in modalities if m not in MODALITIES]
         if bad or not modalities:
             raise ConfigError("modalities", list(modalities), f"a non-empty subset of {MODALITIES}")
@@ -63,6 +70,12 @@ class MaskedLMScore:
             modality_tokens = MODALITY_TOKENS if modality_tokens == "ume" else {}
         self.modalities, self.sources = tuple(modalities), tuple(sources)
         self.penalty = float(penalty_for_invalid)
+        if not isinstance(check_sequences, bool):
+            raise ConfigError("check_sequences", check_sequences, "true or false")
+        self.check_sequences = check_sequences
+        if not isinstance(match_metadata, bool):
+            raise ConfigError("match_metadata", match_metadata, "true or false")
+        self.match_metadata = match_metadata
         model, tokenizer = load_masked_lm(path, trust_remote_code=trust_remote_code, device=device)
         self.scorer = MaskedLMScorer(model, tokenizer, mode=mode, normalize=normalize, temperature=temperature,
                                      batch_size=batch_size, max_positions=max_positions, seed=seed,
@@ -82,6 +95,10 @@ class MaskedLMScore:
             parsed = parse_completion(text, meta, self.sources)
             modalities[i] = parsed.modality
             reason = parsed.reason or (None if parsed.modality in self.modalities else "unsupported_modality")
+            if reason is None and self.check_sequences:
+                reason = check_sequence(parsed.sequence, parsed.modality)
+            if reason is None and self.match_metadata and meta is not None and parsed.modality != meta:
+                reason = "wrong_modality"
             if reason is not None:
                 values[i], reasons[i] = self.penalty, reason
             else:
@@ -129,6 +146,8 @@ class MaskedLMReward:
                       for m in MODALITIES}}
         if scored:
             metrics[f"{self.channel}_scored_mean"] = float(np.mean(scored))
+            # A scored answer below the penalty teaches the policy that an invalid answer pays better.
+            metrics[f"{self.channel}_below_penalty_frac"] = float(np.mean(np.array(scored) < self.score.penalty))
         return RewardOutput(channels={self.channel: torch.as_tensor(values, dtype=torch.float64)},
                             failures=dict(failures), metrics=metrics)
 

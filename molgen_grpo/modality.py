@@ -95,6 +95,19 @@ def detect_modality(text: str) -> tuple[str | None, str | None]:
     return None, "unknown_modality"
 
 
+def check_sequence(sequence: str, modality: str) -> str | None:
+    """None when ``sequence`` is valid for ``modality``, else the reason: ``invalid_smiles`` (RDKit refuses it),
+    ``invalid_protein`` (a letter outside the 20 amino acids), ``invalid_dna`` (outside A/C/G/T); case-insensitive
+    for the letter rules, as the detector."""
+    if modality == "smiles":
+        return None if parses_as_smiles(sequence) else "invalid_smiles"
+    if modality == "protein":
+        return None if _PROTEIN.match(sequence) else "invalid_protein"
+    if modality == "dna":
+        return None if _DNA.match(sequence) else "invalid_dna"
+    raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+
+
 def parse_completion(text: str, metadata: str | None = None, sources: Sequence[str] = SOURCES) -> Parsed:
     """The sequence and modality of one completion, trying ``sources`` in order (module docstring).
 

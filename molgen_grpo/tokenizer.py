@@ -69,13 +69,15 @@ _PIECE = r"\[[^\[\]<>]+\]|."
 resolve_path = resolve_package_path  # the engine's package: path resolver, under its old name here
 
 
-def load_tokenizer(path: str, padding_side: str = "left") -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, padding_side: str = "left", tags: Sequence[str] = TAGS) -> PreTrainedTokenizerBase:
     """A Hugging Face tokenizer with the four tags as single ordinary tokens (spec §1.3).
 
     Args:
         path: a local tokenizer directory (``tokenizer.json`` / ``tokenizer_config.json``), a
             ``package:`` path, or a Hub id (e.g. ``Qwen/Qwen3-0.6B-Base``; offline only if cached).
         padding_side: ``left`` (generation) or ``right``.
+        tags: strings added as single ordinary tokens; the four enriched-SMILES tags by default, ``[]`` for a
+            plain text policy (the masked-LM reward's writer, whose tags are ordinary characters).
     Raises:
         ConfigError: ``path`` cannot be loaded (offline with a Hub id: pass a local path), the
             tokenizer has no pad token, or a tag is not one token; ``padding_side`` is not allowed.
@@ -91,9 +93,11 @@ def load_tokenizer(path: str, padding_side: str = "left") -> PreTrainedTokenizer
             "pass a local tokenizer directory")
         raise ConfigError("path", path, f"a tokenizer directory or a reachable Hub id ({where}; "
                                         f"{type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
-    missing = [tag for tag in TAGS if tag not in tokenizer.get_vocab()]
+    if isinstance(tags, str) or not all(isinstance(t, str) and t for t in tags):
+        raise ConfigError("tags", tags, "a list of non-empty strings (e.g. [] or the four enriched-SMILES tags)")
+    missing = [tag for tag in tags if tag not in tokenizer.get_vocab()]
     tokenizer.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in missing])
-    for tag in TAGS:
+    for tag in tags:
         ids = tokenizer.encode(tag, add_special_tokens=False)
         if len(ids) != 1:
             raise ConfigError("path", path, f"a tokenizer where {tag} is one token (it encodes to {ids})")

@@ -199,3 +199,26 @@ def test_mlm_scorer_bench_prints_both_modes_for_every_modality():
     assert [r[0].strip() for r in rows] == ["smiles", "protein", "dna"]
     for row in rows:
         assert int(row[1]) == 3 and all(float(x.replace(",", "")) > 0 for x in row[2:])
+
+
+def test_mlm_grpo_bench_scores_shipped_and_post_trained_writers_with_the_runs_reward(tmp_path):
+    run = tmp_path / "run"
+    trained = subprocess.run([sys.executable, str(ROOT / "run.py"), "experiment=molgen/grpo_mlm", f"hydra.run.dir={run}",
+                              "trainer.max_iterations=1", "trainer.eval_interval=0", "trainer.progress=false",
+                              "dataloader.batch_size=4", "dataloader.group_size=2", "trainer.micro_batch_size=4",
+                              "model.max_new_tokens=48"],
+                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    out = subprocess.run([sys.executable, str(ROOT / "bench/molgen_mlm_grpo.py"), "--post", str(run),
+                          "--train-seeds", "0", "--sample-seeds", "0", "--samples-per-prompt", "1", "--threads", "1",
+                          "--throughput-limit", "2", "--out-dir", str(tmp_path / "ev")],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode in (0, 1), out.stderr[-3000:]  # 1 = a target failed (one GRPO step: no promise)
+    report = json.loads((tmp_path / "ev/evidence.json").read_text())
+    pair, verdict = report["pairs"][0], report["verdicts"][0]
+    assert pair["base"]["answers"] == pair["post"]["answers"] == 30.0  # 15 validation + 15 test rows, 1 answer each
+    assert verdict["d_reward"] == pytest.approx(pair["post"]["mlm_reward"] - pair["base"]["mlm_reward"])
+    assert verdict["passed"] == (out.returncode == 0)
+    assert [r["modality"] for r in report["throughput"]] == ["smiles", "protein", "dna"]
+    assert all(r["unmasked_mean_seq_per_s"] > 0 and r["masked_pll_seq_per_s"] > 0 for r in report["throughput"])
+    assert len(list((tmp_path / "ev/evals").glob("*.json"))) == 2 and "targets" in out.stdout

@@ -143,7 +143,7 @@ def tiny(experiment: str) -> list[str]:
     else:  # supervised mini-batches
         out += ["dataloader.batch_size=8"]
     small = {"num_samples": 4, "batch_size": 4, "max_rows": 4, "num_molecules": 2, "samples_per_molecule": 2,
-             "samples_per_reference": 1, "diffusion_samples": 2, "sampling_steps": 5}  # whichever of these the recipe's evaluator takes
+             "samples_per_reference": 1, "diffusion_samples": 2, "sampling_steps": 5, "samples_per_prompt": 1}  # whichever of these the recipe's evaluator takes
     if cfg.get("evaluator") is not None:
         out += [f"evaluator.{key}={value}" for key, value in small.items() if key in cfg.evaluator]
     if cfg.reward.get("shaping") is not None:
@@ -171,6 +171,8 @@ def test_every_experiment_runs_end_to_end(tmp_path, experiment):
         assert last["eval/num_samples"] == 4
     elif saved.get("evaluator") is not None and "diffusion_samples" in saved.evaluator:  # structures vs truth
         assert 0.0 <= last["eval/ca_lddt"] <= 1.0 and math.isfinite(last["eval/distogram_ce"])
+    elif saved.get("evaluator") is not None and "samples_per_prompt" in saved.evaluator:  # masked-LM reward recipe
+        assert 0.0 <= last["eval/valid_frac"] <= 1.0 and math.isfinite(last["eval/mlm_reward"])
     elif saved.get("evaluator") is not None:  # language models: held-out loss and / or prompted completions
         assert 0.0 <= last["eval/parse_rate"] <= 1.0
         assert "max_rows" not in saved.evaluator or math.isfinite(last["eval/loss"])

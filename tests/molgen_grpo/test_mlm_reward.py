@@ -65,6 +65,10 @@ def test_engine_reward_counts_failures_and_a_scorer_error_is_nan(model_dir, monk
     assert out.failures == {"empty_tag": 1, "no_tag": 1, SCORER_ERROR: 1}
     assert torch.isnan(values[3]) and torch.isfinite(values[[0, 1, 2, 4]]).all() and values[1] == -5.0
     assert out.metrics["mlm_scored_frac"] == pytest.approx(2 / 5)  # CCO and the DNA row
+    scored = values[[0, 4]].numpy()
+    assert out.metrics["mlm_below_penalty_frac"] == pytest.approx(float(np.mean(scored < -5.0)))
+    reward.score.penalty = float(scored.max()) + 1.0  # a penalty above every score: all of them are below it
+    assert reward(rollout).metrics["mlm_below_penalty_frac"] == 1.0
 
 
 def test_trl_function_signature_name_and_none_for_failed_rows(model_dir, monkeypatch):
@@ -94,11 +98,14 @@ def test_the_recipe_reward_loads_the_shipped_model_and_prefers_real_molecules():
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/reward/molgen/mlm.yaml")
-    reward = instantiate(cfg)
-    values, reasons, _ = reward.score(["<smiles>CC(C)O</smiles>", "<smiles>C)(=C((#</smiles>", "<protein>MKV"])
-    assert reasons == [None, None, "no_tag"] and values[2] == -5.0
-    # The shipped model (held-out SMILES masked-token accuracy 0.74) finds a molecule likelier than noise.
-    assert values[0] > values[1]
+    texts = ["<smiles>CC(C)O</smiles>", "<smiles>C)(=C((#</smiles>", "<protein>MKV"]
+    values, reasons, _ = instantiate(cfg).score(texts)
+    assert reasons == [None, "invalid_smiles", "no_tag"] and values[1] == values[2] == -5.0
+    # Scored anyway (lobster's way), the shipped model (held-out SMILES masked-token accuracy 0.74) still finds
+    # the molecule likelier than the noise.
+    cfg.check_sequences = False
+    values, reasons, _ = instantiate(cfg).score(texts)
+    assert reasons == [None, None, "no_tag"] and values[0] > values[1]
 
 
 def test_masked_lm_and_conformer_rewards_compose_as_weighted_channels():
@@ -131,3 +138,50 @@ def test_masked_lm_and_conformer_rewards_compose_as_weighted_channels():
     # The strategy weighs the two channels into one total, as TRL's reward_weights do.
     strategy = GRPOStrategy(reward_weights={"conformer": 1.0, "mlm": 0.1}, default_weight=0.0)
     assert strategy.reward_weights(list(out.channels)) == {"conformer": 1.0, "mlm": 0.1}
+
+
+def test_check_sequences_penalises_tagged_sequences_invalid_for_their_modality(model_dir):
+    texts = ["<smiles>C1CC</smiles>", "<protein>MKVZ</protein>", "<dna>ACGU</dna>", "<smiles>CCO</smiles>"]
+    values, reasons, _ = MaskedLMScore(str(model_dir), penalty_for_invalid=-5.0)(texts)
+    assert reasons == ["invalid_smiles", "invalid_protein", "invalid_dna", None]
+    assert list(values[:3]) == [-5.0] * 3 and values[3] != -5.0
+    # lobster's behaviour, on request: whatever sits in the tags is scored.
+    values, reasons, _ = MaskedLMScore(str(model_dir), check_sequences=False)(texts)
+    assert reasons == [None] * 4 and np.isfinite(values).all()
+    with pytest.raises(ConfigError, match="check_sequences"):
+        MaskedLMScore(str(model_dir), check_sequences="yes")
+
+
+def test_match_metadata_penalises_answers_in_another_modality(model_dir):
+    texts = ["<dna>ACGTAC</dna>", "<protein>MKVAC</protein>", "<dna>ACGTAC</dna>"]
+    metadata = ["protein", "protein", None]  # no metadata: nothing to match against
+    values, reasons, _ = MaskedLMScore(str(model_dir), match_metadata=True, penalty_for_invalid=-5.0)(texts, metadata)
+    assert reasons == ["wrong_modality", None, None] and values[0] == -5.0 and values[2] != -5.0
+    _, reasons, _ = MaskedLMScore(str(model_dir))(texts, metadata)  # lobster's behaviour: the tag decides alone
+    assert reasons == [None, None, None]
+    with pytest.raises(ConfigError, match="match_metadata"):
+        MaskedLMScore(str(model_dir), match_metadata=1)
+
+
+def test_an_esm2_style_protein_model_from_a_local_folder(tmp_path):
+    """Not only ModernBERT: an ESM-2 layout (EsmForMaskedLM, EsmTokenizer with its own <cls> / <eos>) written in
+    the Hub's file format scores protein answers with modality_tokens none."""
+    from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
+
+    vocab = ["<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO.-", "<null_1>", "<mask>"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = EsmTokenizer(str(tmp_path / "vocab.txt"))
+    torch.manual_seed(0)
+    model = EsmForMaskedLM(EsmConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=64, pad_token_id=1,
+                                     mask_token_id=len(vocab) - 1, position_embedding_type="rotary"))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    score = MaskedLMScore(str(tmp_path), modalities=["protein"], modality_tokens="none")
+    values, reasons, _ = score(["<protein>MKVLA</protein>", "<dna>ACGT</dna>"])
+    assert reasons == [None, "unsupported_modality"] and np.isfinite(values[0])
+    # unmasked_mean by hand: mean log-prob of every token of "<cls> M K V L A <eos>".
+    ids = tokenizer("MKVLA", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model.eval()(input_ids=ids).logits[0], -1)  # eval: no dropout
+    assert values[0] == pytest.approx(float(logp.gather(1, ids[0][:, None]).mean()), abs=1e-5)

@@ -3,7 +3,7 @@ lobster's precedence tested on its known misclassifications."""
 
 import pytest
 
-from molgen_grpo.modality import Parsed, detect_modality, find_tagged, parse_completion
+from molgen_grpo.modality import Parsed, check_sequence, detect_modality, find_tagged, parse_completion
 
 
 @pytest.mark.parametrize("text,expected,lobster", [
@@ -51,3 +51,18 @@ def test_sources_in_order_and_failures():
     assert parse_completion("XYZ123", sources=["detect"]) == Parsed("", None, "detect", "unknown_modality")
     with pytest.raises(ValueError, match="unknown modality source"):
         parse_completion("CCO", sources=["guess"])
+
+
+@pytest.mark.parametrize("sequence, modality, reason", [
+    ("CCO", "smiles", None), ("c1ccccc1", "smiles", None), ("C1CC", "smiles", "invalid_smiles"),
+    ("CC(", "smiles", "invalid_smiles"), ("MKVacdefghiklnpqrstwy", "protein", None),
+    ("MKVB", "protein", "invalid_protein"), ("MK V", "protein", "invalid_protein"), ("acgtACGT", "dna", None),
+    ("ACGU", "dna", "invalid_dna"), ("", "dna", "invalid_dna"),
+])
+def test_check_sequence_per_modality(sequence, modality, reason):
+    assert check_sequence(sequence, modality) == reason
+
+
+def test_check_sequence_refuses_an_unknown_modality():
+    with pytest.raises(ValueError, match="rna"):
+        check_sequence("ACGU", "rna")
