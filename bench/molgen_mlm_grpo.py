@@ -74,7 +74,8 @@ def score(label: str, model: dict[str, Any], seed: int, reward: dict[str, Any],
     torch.set_num_threads(args.threads)
     policy, _ = build_policy(argparse.Namespace(**model, temperature=None, top_p=None, top_k=None,
                                                 max_new_tokens=None, constrained=None))
-    evaluator = MaskedLMEvaluator(MaskedLMScore(**reward), PROMPTS, ["validation", "test"], args.samples_per_prompt, seed)
+    evaluator = MaskedLMEvaluator(MaskedLMScore(**reward), PROMPTS, ["validation", "test"], args.samples_per_prompt,
+                                  seed)
     out = evaluator(policy)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(out))
@@ -97,14 +98,18 @@ def main() -> int:
     parser.add_argument("--valid-tolerance", type=float, default=0.0, help="largest allowed fall of valid_frac")
     parser.add_argument("--threads", type=int, default=2, help="torch threads while scoring")
     parser.add_argument("--skip-throughput", action="store_true", help="do not time the scorer")
-    parser.add_argument("--throughput-limit", type=int, default=30, help="sequences per modality the scorer is timed on")
+    parser.add_argument("--throughput-limit", type=int, default=30,
+                        help="sequences per modality the scorer is timed on")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for training (after --)")
     args = parser.parse_args()
     runs_dir = ROOT / args.runs_dir if not Path(args.runs_dir).is_absolute() else Path(args.runs_dir)
     base_model = {"run_dir": None, "model_config": str(WRITER), "checkpoint": None}
     rows, verdicts = [], []
     for t in args.train_seeds:
-        run = Path(args.post) if args.post else (train(t, runs_dir, args.overrides) if args.train else runs_dir / f"seed{t}")
+        if args.post:
+            run = Path(args.post)
+        else:
+            run = train(t, runs_dir, args.overrides) if args.train else runs_dir / f"seed{t}"
         post_model = {"run_dir": str(run), "model_config": None, "checkpoint": str(run / "checkpoint_latest.pth")}
         label = "post_" + (run.name if args.post else f"seed{t}")
         reward = run_reward(run)  # both models are scored by the reward the run trained on
@@ -125,12 +130,14 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['train_seed']} | {r['sample_seed']} | " + " | ".join(
             f"{r['base'][k]:.3f} → {r['post'][k]:.3f}" for k in KEYS) + " |")
-    lines += ["", "| train seed | Δ reward (mean over sampling seeds) | Δ valid_frac | target met |", "|---|---:|---:|---|"]
+    lines += ["", "| train seed | Δ reward (mean over sampling seeds) | Δ valid_frac | target met |",
+              "|---|---:|---:|---|"]
     lines += [f"| {v['train_seed']} | {v['d_reward']:+.3f} | {v['d_valid']:+.3f} | {'yes' if v['passed'] else 'NO'} |"
               for v in verdicts]
     lines.append(f"\nΔ reward median [min, max] over training seeds: {spread([v['d_reward'] for v in verdicts])}; "
                  f"Δ valid_frac: {spread([v['d_valid'] for v in verdicts])}")
-    per_modality = ["", "| modality | reward base → post (mean over pairs) | valid_frac base → post |", "|---|---:|---:|"]
+    per_modality = ["", "| modality | reward base → post (mean over pairs) | valid_frac base → post |",
+                    "|---|---:|---:|"]
     for m in ("smiles", "protein", "dna"):
         per_modality.append(f"| {m} | {mean(r['base'][f'{m}/mlm_reward'] for r in rows):.3f} → "
                             f"{mean(r['post'][f'{m}/mlm_reward'] for r in rows):.3f} | "
@@ -141,7 +148,8 @@ def main() -> int:
     if not args.skip_throughput:
         from molgen_mlm_scorer import print_table, throughput as measure
 
-        print(f"\nscorer throughput (shipped tiny masked LM, 1 thread, {args.throughput_limit} sequences per modality):")
+        print(f"\nscorer throughput (shipped tiny masked LM, 1 thread, {args.throughput_limit} sequences per "
+              "modality):")
         import torch
 
         torch.set_num_threads(1)

@@ -68,7 +68,8 @@ class MaskedLMEvaluator:
                  samples_per_prompt: int = 4, seed: int = 1234) -> None:
         score = reward.score if isinstance(reward, MaskedLMReward) else reward
         if not isinstance(score, MaskedLMScore):
-            raise ConfigError("reward", type(reward).__name__, "a MaskedLMReward (e.g. ${reward} with reward=molgen/mlm)")
+            raise ConfigError("reward", type(reward).__name__,
+                              "a MaskedLMReward (e.g. ${reward} with reward=molgen/mlm)")
         self.score = score
         resolved = Path(resolve_package_path(prompts))
         if isinstance(splits, str) or not splits:

@@ -57,8 +57,8 @@ class MaskedLMScore:
                  batch_size: int = 8, max_positions: int | None = None, seed: int = 0,
                  modality_tokens: str | Mapping[str, str] = "ume", modalities: Sequence[str] = MODALITIES,
                  sources: Sequence[str] = ("tags",), penalty_for_invalid: float = -5.0,
-                 check_sequences: bool = True, match_metadata: bool = False, trust_remote_code: bool = False, device: str = "cpu",
-                 max_length: int = 512) -> None:
+                 check_sequences: bool = True, match_metadata: bool = False, trust_remote_code: bool = False,
+                 device: str = "cpu", max_length: int = 512) -> None:
         bad = [m for m in modalities if m not in MODALITIES]
         if bad or not modalities:
             raise ConfigError("modalities", list(modalities), f"a non-empty subset of {MODALITIES}")
