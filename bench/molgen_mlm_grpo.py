@@ -14,7 +14,7 @@ sampling seed) compares the run's last checkpoint with the shipped writer sample
 Targets: the mean reward (penalties included) higher after training, and the share of tagged, valid answers not
 lower by more than ``--valid-tolerance``, on every training seed (mean over sampling seeds). Then the scorer's
 throughput (sequences/s of ``unmasked_mean`` and ``masked_pll``, bench/molgen_mlm_scorer.py). Prints the tables,
-writes ``evidence.json`` and ``evidence.md`` to --out-dir (scores cached in ``<out-dir>/evals``); exit 1 when a
+writes ``evidence.json``, ``evidence.md`` and ``curves.png`` (each run's held-out curves) to --out-dir (scores cached in ``<out-dir>/evals``); exit 1 when a
 target fails.
 """
 
@@ -82,6 +82,37 @@ def score(label: str, model: dict[str, Any], seed: int, reward: dict[str, Any],
     return out
 
 
+CURVES = ("eval/mlm_reward", "eval/mlm_scored_mean", "eval/valid_frac", "eval/smiles/valid_frac",
+          "eval/protein/valid_frac", "eval/dna/valid_frac")
+
+
+def plot_runs(runs: dict[str, Path], out: Path) -> Path:
+    """Held-out curves of each run (its evaluations: start, every eval_interval, end), one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from elign.engine.metrics import read_metrics
+
+    fig, axes = plt.subplots(2, 3, figsize=(12, 5.6))
+    for label, run in runs.items():
+        rows = [r for r in read_metrics(run) if "eval/mlm_reward" in r]
+        for ax, key in zip(axes.flat, CURVES):
+            pts = [(r["iteration"] + 1, r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, label=label)
+    for ax, key in zip(axes.flat, CURVES):
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("masked-LM GRPO: held-out reward and answer validity per training seed", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def spread(values: list[float]) -> str:
     return f"{median(values):+.3f} [{min(values):+.3f}, {max(values):+.3f}]"
 
@@ -104,7 +135,7 @@ def main() -> int:
     args = parser.parse_args()
     runs_dir = ROOT / args.runs_dir if not Path(args.runs_dir).is_absolute() else Path(args.runs_dir)
     base_model = {"run_dir": None, "model_config": str(WRITER), "checkpoint": None}
-    rows, verdicts = [], []
+    rows, verdicts, runs = [], [], {}
     for t in args.train_seeds:
         if args.post:
             run = Path(args.post)
@@ -112,6 +143,7 @@ def main() -> int:
             run = train(t, runs_dir, args.overrides) if args.train else runs_dir / f"seed{t}"
         post_model = {"run_dir": str(run), "model_config": None, "checkpoint": str(run / "checkpoint_latest.pth")}
         label = "post_" + (run.name if args.post else f"seed{t}")
+        runs[run.name if args.post else f"seed {t}"] = run
         reward = run_reward(run)  # both models are scored by the reward the run trained on
         pairs = []
         for s in args.sample_seeds:
@@ -162,6 +194,7 @@ def main() -> int:
     (out_dir / "evidence.json").write_text(json.dumps({"pairs": rows, "verdicts": verdicts,
                                                        "throughput": throughput}, indent=1) + "\n")
     (out_dir / "evidence.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {plot_runs(runs, out_dir / 'curves.png')}")
     passed = all(v["passed"] for v in verdicts)
     print(f"\ntargets {'met' if passed else 'NOT met'} on {sum(v['passed'] for v in verdicts)}/{len(verdicts)} "
           f"training seeds; wrote {out_dir / 'evidence.md'}")

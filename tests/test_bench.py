@@ -222,3 +222,4 @@ def test_mlm_grpo_bench_scores_shipped_and_post_trained_writers_with_the_runs_re
     assert [r["modality"] for r in report["throughput"]] == ["smiles", "protein", "dna"]
     assert all(r["unmasked_mean_seq_per_s"] > 0 and r["masked_pll_seq_per_s"] > 0 for r in report["throughput"])
     assert len(list((tmp_path / "ev/evals").glob("*.json"))) == 2 and "targets" in out.stdout
+    assert (tmp_path / "ev/curves.png").stat().st_size > 0
