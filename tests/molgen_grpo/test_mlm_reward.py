@@ -185,3 +185,10 @@ def test_an_esm2_style_protein_model_from_a_local_folder(tmp_path):
     with torch.no_grad():
         logp = torch.log_softmax(model.eval()(input_ids=ids).logits[0], -1)  # eval: no dropout
     assert values[0] == pytest.approx(float(logp.gather(1, ids[0][:, None]).mean()), abs=1e-5)
+
+
+def test_empty_batches_give_empty_rewards(model_dir):
+    fn = MaskedLMRewardFunction(path=str(model_dir))
+    assert fn([], []) == [] and not fn.failures
+    values, reasons, modalities = MaskedLMScore(str(model_dir))([])
+    assert values.shape == (0,) and reasons == [] and modalities == []
