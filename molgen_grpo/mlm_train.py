@@ -20,7 +20,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -83,33 +83,49 @@ def masked_accuracy(model: Any, tokenizer: Any, sequences: Sequence[str], prefix
             "masked_tokens": total}
 
 
+def fit_steps(model: torch.nn.Module, batch_loss: Callable[[], torch.Tensor], steps: int, lr: float, desc: str,
+              betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0) -> list[float]:
+    """``steps`` AdamW steps on ``batch_loss()`` (5 % linear warm-up, then cosine to 0; gradients clipped at norm 1),
+    with a progress bar; the model is left in eval mode. Returns the loss of every step. Shared by this script and
+    :mod:`molgen_grpo.mlm_writer`."""
+    from tqdm import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=max(1, steps // 20), num_training_steps=steps)
+    losses = []
+    model.train()
+    for _ in tqdm(range(steps), desc=desc, mininterval=5.0):
+        loss = batch_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
 def train(corpus: Corpus, out: Path, steps: int, batch_size: int, max_chars: int, lr: float, seed: int,
           hidden_size: int, num_layers: int, command: str) -> dict[str, Any]:
     """Train, evaluate, save; returns what ``training.json`` holds."""
-    from tqdm import tqdm
-    from transformers import DataCollatorForLanguageModeling, get_cosine_schedule_with_warmup
+    from transformers import DataCollatorForLanguageModeling
 
     texts = [t for split in (corpus.train, corpus.heldout) for seqs in split.values() for t in seqs]
     tokenizer = build_char_tokenizer(texts)
     model = build_tiny_mlm(len(tokenizer), tokenizer.pad_token_id, hidden_size=hidden_size, num_layers=num_layers,
                            num_heads=4, intermediate_size=2 * hidden_size, max_positions=max_chars + 2, seed=seed)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=max(1, steps // 20), num_training_steps=steps)
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    losses, start = [], time.perf_counter()
-    model.train()
-    for step in tqdm(range(steps), desc="mlm", mininterval=5.0):
+    start = time.perf_counter()
+
+    def batch_loss() -> torch.Tensor:
         batch = collate(tokenizer, collator, draw_batch(corpus, batch_size, max_chars, rng))
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss))
-    model.eval()
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+    losses = fit_steps(model, batch_loss, steps, lr, "mlm", weight_decay=0.01)
     report = {"command": command, "steps": steps, "batch_size": batch_size, "max_chars": max_chars, "lr": lr,
               "seed": seed, "hidden_size": hidden_size, "num_layers": num_layers,
               "parameters": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - start,

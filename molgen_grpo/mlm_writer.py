@@ -111,9 +111,7 @@ def train(pairs: Sequence[dict[str, str]], out: Path, steps: int, batch_size: in
           dims: dict[str, int], command: str) -> dict[str, Any]:
     """Fine-tune a random-init Qwen3 on ``pairs``, measure it on the held-out prompts, save; returns
     what ``training.json`` holds."""
-    from tqdm import tqdm
-    from transformers import get_cosine_schedule_with_warmup
-
+    from molgen_grpo.mlm_train import fit_steps
     from molgen_grpo.model import build_model
     from molgen_grpo.policy import Qwen3Policy
 
@@ -121,19 +119,13 @@ def train(pairs: Sequence[dict[str, str]], out: Path, steps: int, batch_size: in
     torch.manual_seed(seed)
     model = build_model(len(tokenizer), init="random", max_position_embeddings=512, **dims)
     policy = Qwen3Policy(tokenizer, model, stop_tokens=[EOS_TOKEN], max_new_tokens=224, temperature=1.0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=max(1, steps // 20), num_training_steps=steps)
-    rng = random.Random(seed)
-    losses, start = [], time.perf_counter()
-    model.train()
-    for _ in tqdm(range(steps), desc="writer sft", mininterval=5.0):
-        loss, _ = policy.supervised_loss(sft_batch(tokenizer, rng.sample(list(pairs), min(batch_size, len(pairs)))))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
+    rng, pool = random.Random(seed), list(pairs)  # one list, sampled from at every step
+    start = time.perf_counter()
+
+    def batch_loss() -> torch.Tensor:
+        return policy.supervised_loss(sft_batch(tokenizer, rng.sample(pool, min(batch_size, len(pool)))))[0]
+
+    losses = fit_steps(model, batch_loss, steps, lr, "writer sft", betas=(0.9, 0.95))
     seconds = time.perf_counter() - start
     window = max(1, min(100, steps // 10))
     report = {"command": command, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, **dims,
