@@ -92,7 +92,8 @@ def fit_steps(model: torch.nn.Module, batch_loss: Callable[[], torch.Tensor], st
     from transformers import get_cosine_schedule_with_warmup
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
-    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=max(1, steps // 20), num_training_steps=steps)
+    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=max(1, steps // 20),
+                                               num_training_steps=steps)
     losses = []
     model.train()
     for _ in tqdm(range(steps), desc=desc, mininterval=5.0):
